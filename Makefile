@@ -1,0 +1,34 @@
+# One command runs the main job (`make demo`), one passes the tests (`make test`).
+# Both create the virtualenv and install what they need first.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: venv demo test lint typecheck unit clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev,test]'
+	touch $(STAMP)
+
+demo: venv
+	PATH="$(CURDIR)/$(BIN):$$PATH" bash vault-dev/demo.sh
+
+lint: venv
+	$(BIN)/ruff check broker tests
+	$(BIN)/ruff format --check broker tests
+
+typecheck: venv
+	$(BIN)/mypy
+
+unit: venv
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest
+
+test: lint typecheck unit
+
+clean:
+	rm -rf $(VENV) .vault-dev .mypy_cache .ruff_cache .pytest_cache

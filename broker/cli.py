@@ -1,0 +1,471 @@
+"""The ``stigmer-broker`` command: arguments in, one line and an exit code out on error.
+
+Every :class:`BrokerError` becomes ``stigmer-broker: error: <message>`` on stderr with the
+error's exit code; no traceback, and no secret value is ever printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import re
+import sys
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from broker import devserver, identity, ids, logs
+from broker.config import Layout, VaultSettings
+from broker.errors import BrokerError, ConfigError, ValidationError
+from broker.model import (
+    API_VERSION,
+    Agent,
+    AgentInstance,
+    Environment,
+    Workflow,
+    WorkflowInstance,
+    load_documents,
+    load_resource,
+    parse_resource,
+)
+from broker.vault import VaultClient
+
+PROG = "stigmer-broker"
+_DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
+
+
+# --- small parsers ----------------------------------------------------------------------------
+
+
+def parse_duration(text: str) -> timedelta:
+    """``90``, ``90s``, ``15m``, ``1h``, ``1h30m``, ``2d``."""
+    if text.isdigit():
+        return timedelta(seconds=int(text))
+    match = _DURATION.match(text)
+    if not text or not match:
+        raise ConfigError(f"duration {text!r}: use e.g. 90s, 15m, 1h or 1h30m")
+    days, hours, minutes, seconds = (int(g or 0) for g in match.groups())
+    return timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
+
+
+def _split_pair(flag: str, text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise ConfigError(f"{flag} {text.split('=')[0]!r}: expected KEY=VALUE")
+    key, value = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"{flag}: empty key")
+    return key, value
+
+
+def _read_secret(key: str) -> str:
+    """A secret value from a no-echo prompt, or one line of stdin when it is not a terminal."""
+    if sys.stdin.isatty():
+        return getpass.getpass(f"value for secret {key}: ")
+    line = sys.stdin.readline()
+    if not line:
+        raise ConfigError(f"--secret {key}: no value given and stdin is empty")
+    return line.rstrip("\n").rstrip("\r")
+
+
+def _read_env_file(path: str) -> dict[str, str]:
+    from dotenv import dotenv_values
+
+    if not Path(path).is_file():
+        raise ConfigError(f"--env-file {path}: no such file")
+    values = dotenv_values(path, interpolate=False)
+    missing = [k for k, v in values.items() if v is None]
+    if missing:
+        raise ConfigError(f"--env-file {path}: {', '.join(missing)} has no '=' and no value")
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def collect_values(args: argparse.Namespace) -> dict[str, tuple[str, bool]]:
+    """--env-file, then --env/--secret/--runtime-env: name → (value, is_secret).
+
+    A name given twice by the explicit flags is refused; the env file is the lowest layer.
+    """
+    values: dict[str, tuple[str, bool]] = (
+        {k: (v, False) for k, v in _read_env_file(args.env_file).items()} if args.env_file else {}
+    )
+    explicit: set[str] = set()
+
+    def put(flag: str, key: str, value: str, secret: bool) -> None:
+        if key in explicit:
+            raise ConfigError(f"{flag} {key}: {key} is given more than once")
+        explicit.add(key)
+        values[key] = (value, secret)
+
+    for item in args.env or []:
+        put("--env", *_split_pair("--env", item), False)
+    for item in args.secret or []:
+        key, value = item.split("=", 1) if "=" in item else (item, None)
+        put("--secret", key.strip(), _read_secret(key.strip()) if value is None else value, True)
+    for item in getattr(args, "runtime_env", None) or []:
+        secret = item.startswith("secret:")
+        key, value = _split_pair("--runtime-env", item.removeprefix("secret:"))
+        put("--runtime-env", key, value, secret)
+    return values
+
+
+def _client(need_token: bool = True) -> VaultClient:
+    return VaultClient(VaultSettings.from_env(need_token=need_token))
+
+
+def _print(document: Any, output: str) -> None:
+    if output == "json":
+        print(json.dumps(document, indent=2, sort_keys=True))
+    else:
+        print(yaml.safe_dump(document, sort_keys=False), end="")
+
+
+# --- dev --------------------------------------------------------------------------------------
+
+
+def _identity_key(args: argparse.Namespace) -> Path:
+    explicit = getattr(args, "identity_key", None)
+    if explicit:
+        return Path(explicit)
+    if os.environ.get("STIGMER_DEV_IDENTITY_KEY"):
+        return Path(os.environ["STIGMER_DEV_IDENTITY_KEY"])
+    return (
+        Path(getattr(args, "state_dir", None) or devserver.DEFAULT_STATE_DIR)
+        / devserver.IDENTITY_KEY
+    )
+
+
+def cmd_dev_up(args: argparse.Namespace) -> int:
+    from broker.control.setup import Bootstrap, JwtSettings
+
+    server = devserver.start(Path(args.state_dir), args.addr)
+    try:
+        identity.create_key(server.identity_key)
+        client = VaultClient(VaultSettings(addr=server.addr, token=server.token))
+        jwt = JwtSettings(public_keys=(identity.public_pem(server.identity_key),))
+        Bootstrap(client, Layout.from_env()).run(args.tenant or ["demo"], jwt)
+    except BaseException:
+        devserver.stop(Path(args.state_dir))
+        raise
+    print(f"dev server up at {server.addr} (pid {server.pid})")
+    print(f"run: source {server.state_dir / 'env'}")
+    return 0
+
+
+def cmd_dev_down(args: argparse.Namespace) -> int:
+    stopped = devserver.stop(Path(args.state_dir))
+    print("dev server stopped" if stopped else f"no dev server running from {args.state_dir}")
+    return 0
+
+
+def cmd_dev_token(args: argparse.Namespace) -> int:
+    ids.tenant(args.tenant)
+    key = _identity_key(args)
+    if not key.is_file():
+        raise ConfigError(f"dev identity key {key} not found; run `{PROG} dev up` first")
+    ttl = int(parse_duration(args.ttl).total_seconds())
+    print(identity.mint_token(key, args.tenant, pod=args.pod, ttl_seconds=ttl))
+    return 0
+
+
+def cmd_setup(args: argparse.Namespace) -> int:
+    from broker.control.setup import Bootstrap, JwtSettings
+
+    if args.jwt_public_key:
+        keys = tuple(Path(p).read_text() for p in args.jwt_public_key)
+    else:
+        key = _identity_key(args)
+        identity.create_key(key)
+        keys = (identity.public_pem(key),)
+    jwt = JwtSettings(public_keys=keys, issuer=args.jwt_issuer, audience=args.jwt_audience)
+    changes = Bootstrap(_client(), Layout.from_env()).run(args.tenant or [], jwt)
+    for change in changes:
+        print(f"{change.action:9}  {change.item}")
+    changed = [c for c in changes if c.action != "unchanged"]
+    print(f"setup: {len(changed)} changed" if changed else "setup: nothing to change")
+    return 0
+
+
+# --- env --------------------------------------------------------------------------------------
+
+
+def _store() -> Any:
+    from broker.control.environments import EnvironmentStore
+
+    return EnvironmentStore(_client(), Layout.from_env())
+
+
+def cmd_env_apply(args: argparse.Namespace) -> int:
+    ids.tenant(args.tenant)
+    environments = [parse_resource(d, Environment) for d in load_documents(Path(args.file))]
+    if not environments:
+        raise ValidationError(args.file, ["no resource in file"])
+    store = _store()
+    for environment in environments:
+        version = store.apply(args.tenant, environment)
+        print(f"environment {environment.name} applied (version {version})")
+    return 0
+
+
+def cmd_env_create(args: argparse.Namespace) -> int:
+    ids.tenant(args.tenant)
+    ids.environment_name(args.name)
+    data = {k: {"value": v, "is_secret": s} for k, (v, s) in collect_values(args).items()}
+    environment = parse_resource(
+        {
+            "api_version": API_VERSION,
+            "kind": "Environment",
+            "metadata": {"name": args.name},
+            "spec": {"description": args.description or "", "data": data},
+        },
+        Environment,
+    )
+    version = _store().create(args.tenant, environment)
+    print(f"environment {args.name} created (version {version})")
+    return 0
+
+
+def cmd_env_get(args: argparse.Namespace) -> int:
+    from broker.control.environments import masked
+
+    _print(masked(_store().get(args.tenant, ids.environment_name(args.name))), args.output)
+    return 0
+
+
+def cmd_env_list(args: argparse.Namespace) -> int:
+    for name in _store().list(args.tenant):
+        print(name)
+    return 0
+
+
+def cmd_env_delete(args: argparse.Namespace) -> int:
+    _store().delete(args.tenant, args.name)
+    print(f"environment {args.name} deleted")
+    return 0
+
+
+# --- execution --------------------------------------------------------------------------------
+
+
+def _issuer() -> Any:
+    from broker.control.executions import ExecutionIssuer
+
+    return ExecutionIssuer(_client(), Layout.from_env())
+
+
+def cmd_execution_create(args: argparse.Namespace) -> int:
+    from broker.control.executions import RuntimeValue
+
+    ids.tenant(args.tenant)
+    template: Agent | Workflow = (
+        load_resource(Path(args.agent), Agent)
+        if args.agent
+        else load_resource(Path(args.workflow), Workflow)
+    )
+    instance = (
+        load_resource(Path(args.instance), (AgentInstance, WorkflowInstance))
+        if args.instance
+        else None
+    )
+    runtime = {k: RuntimeValue(v, s) for k, (v, s) in collect_values(args).items()}
+    issued = _issuer().create(
+        args.tenant,
+        template,
+        instance,
+        environments=args.environment or [],
+        runtime_env=runtime,
+        ttl=parse_duration(args.ttl),
+        execution_id=args.id,
+        allow_secret_in_args=args.allow_secret_in_args,
+    )
+    if args.output == "json":
+        print(json.dumps(issued.as_json(), indent=2, sort_keys=True))
+    else:
+        print(issued.execution_id)
+    return 0
+
+
+def cmd_execution_show(args: argparse.Namespace) -> int:
+    _print(_issuer().show(args.tenant, args.id), args.output)
+    return 0
+
+
+def cmd_execution_end(args: argparse.Namespace) -> int:
+    _issuer().end(args.tenant, args.id)
+    print(f"execution {args.id} ended: context destroyed")
+    return 0
+
+
+# --- run --------------------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from broker.render import default_out_dir
+    from broker.runner import ExecutionSession, RunOptions, run
+
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    options = RunOptions(
+        tenant=ids.tenant(args.tenant),
+        execution_id=ids.execution_id(args.execution),
+        out_dir=Path(args.out) if args.out else default_out_dir(),
+        auth=args.auth,
+        jwt_file=Path(args.jwt_file),
+        role=args.role,
+        allow_disk=args.allow_disk,
+        allow_secret_in_args=args.allow_secret_in_args,
+    )
+    if not command:
+        raise ConfigError("no command given: stigmer-broker run ... -- CMD [ARGS...]")
+    session = ExecutionSession(_client(need_token=args.auth == "token"), Layout.from_env(), options)
+    return run(session, command)
+
+
+# --- argument parser --------------------------------------------------------------------------
+
+
+def _tenant(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tenant", required=True, help="tenant id (the runner's namespace)")
+
+
+def _value_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--env", action="append", metavar="K=V", help="a plain variable")
+    parser.add_argument(
+        "--secret",
+        action="append",
+        metavar="K[=V]",
+        help="a secret; without =V it is read from a no-echo prompt (or stdin)",
+    )
+    parser.add_argument("--env-file", metavar="F", help="dotenv file of plain variables")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Vault-backed secrets broker for Stigmer runners"
+    )
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
+    commands = parser.add_subparsers(dest="command_name", required=True, metavar="COMMAND")
+
+    def sub(
+        group: Any, name: str, handler: Callable[[argparse.Namespace], int], help: str
+    ) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = group.add_parser(name, help=help, description=help)
+        p.set_defaults(handler=handler)
+        return p
+
+    dev = commands.add_parser("dev", help="a throwaway local dev server").add_subparsers(
+        dest="dev_command", required=True, metavar="COMMAND"
+    )
+    p = sub(dev, "up", cmd_dev_up, "start an in-memory dev server and bootstrap it")
+    p.add_argument("--addr", help="listen address, default 127.0.0.1:<free port>")
+    p.add_argument("--state-dir", default=str(devserver.DEFAULT_STATE_DIR))
+    p.add_argument("--tenant", action="append", help="tenants to create keys for (default: demo)")
+    p = sub(dev, "down", cmd_dev_down, "stop the dev server started from --state-dir")
+    p.add_argument("--state-dir", default=str(devserver.DEFAULT_STATE_DIR))
+    p = sub(dev, "token", cmd_dev_token, "print a dev service-account JWT for run --jwt-file")
+    _tenant(p)
+    p.add_argument("--pod", default="stigmer-runner-0")
+    p.add_argument("--ttl", default="10m")
+    p.add_argument("--state-dir", default=str(devserver.DEFAULT_STATE_DIR))
+    p.add_argument("--identity-key", help="dev identity private key (default from the state dir)")
+
+    p = sub(commands, "setup", cmd_setup, "configure a Vault for the broker (idempotent)")
+    p.add_argument("--tenant", action="append", help="create the tenant's Transit key")
+    p.add_argument(
+        "--jwt-public-key",
+        action="append",
+        metavar="PEM_FILE",
+        help="service-account issuer public key (default: the dev identity)",
+    )
+    p.add_argument("--jwt-issuer", default=identity.DEFAULT_ISSUER)
+    p.add_argument("--jwt-audience", default=identity.DEFAULT_AUDIENCE)
+    p.add_argument(
+        "--identity-key", help="dev identity private key to use when no --jwt-public-key"
+    )
+
+    env = commands.add_parser("env", help="Environments").add_subparsers(
+        dest="env_command", required=True, metavar="COMMAND"
+    )
+    p = sub(env, "apply", cmd_env_apply, "create or replace Environments from a YAML/JSON file")
+    p.add_argument("-f", "--file", required=True)
+    _tenant(p)
+    p = sub(env, "create", cmd_env_create, "create an Environment from flags")
+    p.add_argument("name")
+    _tenant(p)
+    _value_flags(p)
+    p.add_argument("--description")
+    p = sub(env, "get", cmd_env_get, "show an Environment (secrets masked)")
+    p.add_argument("name")
+    _tenant(p)
+    p.add_argument("-o", "--output", choices=["yaml", "json"], default="yaml")
+    p = sub(env, "list", cmd_env_list, "list a tenant's Environments")
+    _tenant(p)
+    p = sub(env, "delete", cmd_env_delete, "delete an Environment (every version)")
+    p.add_argument("name")
+    _tenant(p)
+
+    execution = commands.add_parser("execution", help="executions").add_subparsers(
+        dest="execution_command", required=True, metavar="COMMAND"
+    )
+    p = sub(execution, "create", cmd_execution_create, "resolve an execution and issue its context")
+    _tenant(p)
+    template = p.add_mutually_exclusive_group(required=True)
+    template.add_argument("--agent", metavar="FILE")
+    template.add_argument("--workflow", metavar="FILE")
+    p.add_argument("--instance", metavar="FILE", help="AgentInstance or WorkflowInstance")
+    p.add_argument(
+        "--environment",
+        action="append",
+        metavar="NAME",
+        help="an Environment layered after the instance's refs",
+    )
+    _value_flags(p)
+    p.add_argument("--runtime-env", action="append", metavar="[secret:]K=V")
+    p.add_argument("--ttl", default="1h")
+    p.add_argument("--id", help="execution id (default: generated)")
+    p.add_argument("--allow-secret-in-args", action="store_true")
+    p.add_argument("-o", "--output", choices=["id", "json"], default="id")
+    p = sub(execution, "show", cmd_execution_show, "show an execution context (secrets masked)")
+    p.add_argument("id")
+    _tenant(p)
+    p.add_argument("-o", "--output", choices=["yaml", "json"], default="yaml")
+    p = sub(execution, "end", cmd_execution_end, "end an execution: destroy its context")
+    p.add_argument("id")
+    _tenant(p)
+
+    p = sub(commands, "run", cmd_run, "run CMD with an execution's environment, then clean up")
+    _tenant(p)
+    p.add_argument("--execution", required=True, metavar="ID")
+    p.add_argument("--out", metavar="DIR", help="memory-backed directory for the files")
+    p.add_argument("--auth", choices=["jwt", "token"], default="jwt")
+    p.add_argument("--jwt-file", default="/var/run/secrets/kubernetes.io/serviceaccount/token")
+    p.add_argument("--role", default="stigmer-runner")
+    p.add_argument("--allow-disk", action="store_true")
+    p.add_argument("--allow-secret-in-args", action="store_true")
+    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logs.setup(args.log_level)
+    try:
+        return int(args.handler(args))
+    except BrokerError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

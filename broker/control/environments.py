@@ -1,0 +1,103 @@
+"""Environments in KV v2: secret values encrypted with the tenant's Transit key on arrival."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from broker import ids
+from broker.config import Layout
+from broker.errors import Conflict, NotFound, ValidationError
+from broker.model import Environment, parse_resource
+from broker.vault import KV, Transit, VaultClient
+
+MASK = "<secret>"
+CIPHERTEXT_PREFIX = "vault:v"
+
+
+def is_ciphertext(value: str) -> bool:
+    return value.startswith(CIPHERTEXT_PREFIX)
+
+
+def masked(resource: Environment) -> dict[str, Any]:
+    """The resource as a document with every secret value replaced by ``<secret>``."""
+    document = resource.model_dump(mode="json", exclude_none=True)
+    for entry in document["spec"]["data"].values():
+        if entry["is_secret"] and entry["value"]:
+            entry["value"] = MASK
+    return document
+
+
+class EnvironmentStore:
+    """Create, replace, read, list and delete a tenant's Environments."""
+
+    def __init__(self, client: VaultClient, layout: Layout) -> None:
+        self._layout = layout
+        self._kv = KV(client, layout.kv_mount)
+        self._transit = Transit(client, layout.transit_mount)
+
+    def _sealed(self, tenant: str, environment: Environment) -> dict[str, Any]:
+        """The document to store: secret values replaced by their ciphertext, in one batch."""
+        document = environment.model_dump(mode="json", exclude_none=True)
+        data = document["spec"]["data"]
+        names = [n for n, e in data.items() if e["is_secret"] and e["value"]]
+        if names:
+            ciphertexts = self._transit.encrypt(
+                self._layout.transit_key(tenant), [data[n]["value"] for n in names]
+            )
+            for name, ciphertext in zip(names, ciphertexts, strict=True):
+                data[name]["value"] = ciphertext
+        document["metadata"]["name"] = environment.name
+        return document
+
+    def apply(self, tenant: str, environment: Environment) -> int:
+        """Create or replace; check-and-set on the version read, so a concurrent edit fails."""
+        path = self._layout.environment_path(tenant, environment.name)
+        try:
+            version = self._kv.read(path).version
+        except NotFound:
+            version = 0
+        document = self._sealed(tenant, environment)
+        try:
+            return self._kv.write(path, document, cas=version)
+        except Conflict:
+            raise ValidationError(
+                f"Environment {environment.name}",
+                ["changed concurrently while being applied; apply again"],
+            ) from None
+
+    def create(self, tenant: str, environment: Environment) -> int:
+        """Create only: an existing Environment of that name is an error, left untouched."""
+        path = self._layout.environment_path(tenant, environment.name)
+        document = self._sealed(tenant, environment)
+        try:
+            return self._kv.write(path, document, cas=0)
+        except Conflict:
+            raise ValidationError(
+                f"Environment {environment.name}",
+                [f"already exists in tenant {tenant} (use `env apply` to replace it)"],
+            ) from None
+
+    def get(self, tenant: str, name: str) -> Environment:
+        """The stored Environment; secret values are ciphertext."""
+        path = self._layout.environment_path(tenant, name)
+        try:
+            document = self._kv.read(path).data
+        except NotFound:
+            raise ValidationError(
+                f"Environment {name}", [f"not found in tenant {tenant}"]
+            ) from None
+        environment = parse_resource(document, Environment)
+        for key, entry in environment.spec.data.items():
+            if entry.is_secret and entry.value and not is_ciphertext(entry.value):
+                raise ValidationError(
+                    f"Environment {name}", [f"spec.data.{key}: secret stored without encryption"]
+                )
+        return environment
+
+    def list(self, tenant: str) -> list[str]:
+        keys = self._kv.list(self._layout.environments_dir(tenant))
+        return sorted(k for k in keys if not k.endswith("/"))
+
+    def delete(self, tenant: str, name: str) -> None:
+        self.get(tenant, ids.environment_name(name))  # a clear error when it does not exist
+        self._kv.destroy(self._layout.environment_path(tenant, name))

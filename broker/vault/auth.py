@@ -1,0 +1,89 @@
+"""Logging in and out: JWT login, child tokens, lookup-self and revoke-self."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from broker.errors import ConfigError, IdentityError, VaultError
+from broker.vault.client import VaultClient
+
+KUBERNETES_TOKEN_PATH = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
+
+
+@dataclass(frozen=True)
+class Login:
+    """A token the broker obtained; ``token`` never shows in repr."""
+
+    token: str = field(repr=False)
+    accessor: str
+    ttl: int
+    policies: tuple[str, ...]
+
+
+def _login_from(answer: Mapping[str, object]) -> Login:
+    auth = answer.get("auth")
+    if not isinstance(auth, Mapping) or not auth.get("client_token"):
+        raise IdentityError("login answered without a token")
+    policies = auth.get("policies") or []
+    return Login(
+        token=str(auth["client_token"]),
+        accessor=str(auth.get("accessor", "")),
+        ttl=int(str(auth.get("lease_duration", 0))),
+        policies=tuple(str(p) for p in policies) if isinstance(policies, list) else (),
+    )
+
+
+def read_jwt(path: Path) -> str:
+    """Read a service-account JWT (re-read on every login: the kubelet rotates it)."""
+    try:
+        jwt = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"--jwt-file {path}: cannot read ({exc.strerror})") from None
+    if not jwt:
+        raise ConfigError(f"--jwt-file {path}: the file is empty")
+    return jwt
+
+
+def jwt_login(client: VaultClient, mount: str, role: str, jwt: str) -> Login:
+    """Log in with JWT auth. Exactly one attempt: every successful login mints a token."""
+    try:
+        answer = client.post(f"auth/{mount}/login", {"role": role, "jwt": jwt}, operation="login")
+    except VaultError as exc:
+        raise IdentityError(
+            f"jwt login at auth/{mount} with role {role!r} failed: {exc.reason}"
+        ) from None
+    return _login_from(answer)
+
+
+def create_child_token(
+    client: VaultClient,
+    ttl_seconds: int,
+    display_name: str,
+    metadata: Mapping[str, str],
+    policies: list[str] | None = None,
+) -> Login:
+    """A child of the client's token, bounded by ``ttl_seconds`` (also its explicit max)."""
+    body: dict[str, object] = {
+        "ttl": f"{ttl_seconds}s",
+        "explicit_max_ttl": f"{ttl_seconds}s",
+        "display_name": display_name,
+        "meta": dict(metadata),
+        "renewable": False,
+    }
+    if policies is not None:
+        body["policies"] = policies
+    try:
+        answer = client.post("auth/token/create", body, operation="create-token")
+    except VaultError as exc:
+        raise IdentityError(f"creating a child token failed: {exc.reason}") from None
+    return _login_from(answer)
+
+
+def lookup_self(client: VaultClient) -> dict[str, object]:
+    return dict(client.get("auth/token/lookup-self", operation="lookup-self").get("data") or {})
+
+
+def revoke_self(client: VaultClient) -> None:
+    client.post("auth/token/revoke-self", operation="revoke-self")

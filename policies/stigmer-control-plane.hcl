@@ -1,0 +1,27 @@
+# stigmer-control-plane: the service that stores Environments and creates executions.
+#
+# It writes Environments (secret values already Transit ciphertext), issues ExecutionContexts
+# and encrypts with the tenants' Transit keys. It can NOT decrypt: no path below grants
+# transit decrypt, so a compromised control plane never sees a secret in plaintext.
+# It cannot create or read execution claims either: those belong to runners.
+
+# Environments: create, replace (check-and-set), read ciphertext, delete.
+path "${kv_mount}/data/environments/*" {
+  capabilities = ["create", "read", "update"]
+}
+path "${kv_mount}/metadata/environments/*" {
+  capabilities = ["read", "list", "delete"]
+}
+
+# ExecutionContexts: issue (create only, check-and-set 0), read masked, set the expiry, end.
+path "${kv_mount}/data/execution-contexts/*" {
+  capabilities = ["create", "read"]
+}
+path "${kv_mount}/metadata/execution-contexts/*" {
+  capabilities = ["create", "update", "read", "delete"]
+}
+
+# Encrypt only, with the existing per-tenant keys ("update", not "create": no new keys).
+path "${transit_mount}/encrypt/env-*" {
+  capabilities = ["update"]
+}
