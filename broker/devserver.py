@@ -23,6 +23,8 @@ from broker.datafiles import data_dir
 from broker.errors import ConfigError
 
 DEFAULT_STATE_DIR = Path(".vault-dev")
+# Servers started by this process, so stop() can reap them (no zombies, no ResourceWarning).
+_STARTED: dict[int, subprocess.Popen[bytes]] = {}
 IDENTITY_KEY = "identity.pem"
 AUDIT_LOG = "audit.log"
 
@@ -149,6 +151,7 @@ def start(
         process.wait()
         raise
     pid_file.write_text(str(process.pid))
+    _STARTED[process.pid] = process
     write_env_file(server)
     return server
 
@@ -172,6 +175,14 @@ def stop(state_dir: Path = DEFAULT_STATE_DIR, timeout: float = 10.0) -> bool:
     if pid <= 0 or not _alive(pid) or not _is_our_server(pid, state_dir.resolve()):
         return False
     os.kill(pid, signal.SIGTERM)
+    process = _STARTED.pop(pid, None)
+    if process is not None:
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        return True
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
