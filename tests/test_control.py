@@ -80,7 +80,7 @@ def test_secret_values_are_stored_as_ciphertext(vault: Vault, tenant: str) -> No
         tenant, environment("prod", TOKEN=("ghp_canary_value", True), REGION=("eu", False))
     )
     stored = raw(vault, f"environments/{tenant}/prod")["spec"]["data"]
-    assert stored["TOKEN"]["value"].startswith(f"vault:v1:")
+    assert stored["TOKEN"]["value"].startswith("vault:v1:")
     assert "ghp_canary_value" not in json.dumps(stored)
     assert stored["REGION"]["value"] == "eu"
     assert store.list(tenant) == ["prod"]

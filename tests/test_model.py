@@ -378,7 +378,7 @@ def test_expected_kind_is_enforced() -> None:
 
 def test_resources_are_frozen() -> None:
     environment = parse_resource(_environment({"A": {"value": "1"}}), Environment)
-    with pytest.raises(Exception):  # noqa: B017 - pydantic's frozen error
+    with pytest.raises(Exception):
         environment.spec.data["A"].value = "2"  # type: ignore[misc]
     assert copy.deepcopy(environment) == environment
 

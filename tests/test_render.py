@@ -32,7 +32,7 @@ def test_dev_shm_is_memory_backed_and_tmp_path_is_not(tmp_path: Path) -> None:
 
 
 def test_disk_backed_out_refused_unless_allowed(tmp_path: Path) -> None:
-    with pytest.raises(RenderError, match="disk-backed.*--allow-disk"):
+    with pytest.raises(RenderError, match=r"disk-backed.*--allow-disk"):
         prepare_directory(tmp_path / "out", "exec-1")
     assert not (tmp_path / "out" / "exec-1").exists()
     directory = prepare_directory(tmp_path / "out", "exec-1", allow_disk=True)

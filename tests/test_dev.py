@@ -1,0 +1,114 @@
+"""`dev up/down/token` and `setup` as a user runs them: subprocesses, a second real server."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jwt as pyjwt
+
+from broker import devserver, identity
+from broker.config import VaultSettings
+from broker.vault import VaultClient, jwt_login
+from tests.conftest import Vault
+
+
+def broker(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_", "STIGMER_"))}
+    base.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "broker.cli", *args],
+        capture_output=True, text=True, env=base, cwd=cwd, timeout=120, check=False,
+    )  # fmt: skip
+
+
+def _env_file(state: Path) -> dict[str, str]:
+    values = {}
+    for line in (state / "env").read_text().splitlines():
+        key, value = line.removeprefix("export ").split("=", 1)
+        values[key] = value
+    return values
+
+
+def test_dev_up_setup_token_down(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    up = broker("dev", "up", "--state-dir", str(state), "--tenant", "acme")
+    assert up.returncode == 0, up.stderr
+    try:
+        env = _env_file(state)
+        assert set(env) == {"VAULT_ADDR", "VAULT_TOKEN", "STIGMER_DEV_IDENTITY_KEY"}
+        assert oct((state / "env").stat().st_mode & 0o777) == "0o600"
+        pid = int((state / "server.pid").read_text())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode()
+        assert env["VAULT_TOKEN"] not in cmdline  # the root token is not on the server's argv
+
+        # setup is idempotent, and BAO_* works as well as VAULT_*
+        bao_env = {"BAO_ADDR": env["VAULT_ADDR"], "BAO_TOKEN": env["VAULT_TOKEN"],
+                   "STIGMER_DEV_IDENTITY_KEY": env["STIGMER_DEV_IDENTITY_KEY"]}  # fmt: skip
+        again = broker("setup", "--tenant", "acme", env=bao_env)
+        assert again.returncode == 0, again.stderr
+        assert again.stdout.strip().splitlines()[-1] == "setup: nothing to change"
+        assert all(line.startswith("unchanged") for line in again.stdout.splitlines()[:-1])
+        more = broker("setup", "--tenant", "acme", "--tenant", "newco", env=env)
+        assert "created    transit key env-newco" in more.stdout
+        assert more.stdout.strip().endswith("setup: 1 changed")
+
+        token = broker("dev", "token", "--tenant", "acme", "--pod", "p-1", "--ttl", "2m", env=env)
+        assert token.returncode == 0, token.stderr
+        claims = pyjwt.decode(token.stdout.strip(), options={"verify_signature": False})
+        assert claims["sub"] == "system:serviceaccount:acme:stigmer-runner"
+        assert claims["kubernetes.io"]["namespace"] == "acme"
+        assert claims["kubernetes.io"]["pod"]["name"] == "p-1"
+        assert claims["exp"] - claims["iat"] == 120
+        client = VaultClient(VaultSettings(addr=env["VAULT_ADDR"]))
+        login = jwt_login(client, "jwt", "stigmer-runner", token.stdout.strip())
+        assert "stigmer-runner" in login.policies
+
+        second = broker("dev", "up", "--state-dir", str(state))
+        assert second.returncode != 0 and "already running" in second.stderr
+    finally:
+        down = broker("dev", "down", "--state-dir", str(state))
+    assert down.returncode == 0 and "stopped" in down.stdout
+    assert (
+        not Path(f"/proc/{pid}").exists()
+        or b"server" not in Path(f"/proc/{pid}/cmdline").read_bytes()
+    )
+    assert "no dev server running" in broker("dev", "down", "--state-dir", str(state)).stdout
+
+
+def test_dev_down_leaves_other_servers_alone(vault: Vault, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "server.pid").write_text(str(vault.server.pid))  # someone else's server
+    assert not devserver.stop(state)
+    assert vault.admin.health()
+
+
+def test_setup_needs_vault_settings() -> None:
+    result = broker("setup")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "stigmer-broker: error: VAULT_ADDR (or BAO_ADDR) is not set"
+
+
+def test_vault_unreachable_is_one_clear_line(tmp_path: Path) -> None:
+    port = devserver.free_port()
+    result = broker("env", "list", "--tenant", "acme",
+                    env={"VAULT_ADDR": f"http://127.0.0.1:{port}", "VAULT_TOKEN": "x"})  # fmt: skip
+    assert result.returncode == 3
+    assert "cannot reach Vault" in result.stderr and len(result.stderr.splitlines()) == 1
+
+
+def test_dev_token_without_key(tmp_path: Path) -> None:
+    result = broker("dev", "token", "--tenant", "acme", "--state-dir", str(tmp_path))
+    assert result.returncode == 2 and "run `stigmer-broker dev up` first" in result.stderr
+
+
+def test_identity_key_is_private(tmp_path: Path) -> None:
+    key = tmp_path / "k.pem"
+    identity.create_key(key)
+    assert oct(key.stat().st_mode & 0o777) == "0o600"
+    assert "BEGIN PUBLIC KEY" in identity.public_pem(key)
