@@ -13,7 +13,8 @@ placeholders, never values, so any error text is safe to log.
     │  ├─ VaultUnavailable      connection refused, 5xx, sealed, 429 (retryable)
     │  ├─ PermissionDenied      Vault answered 403
     │  ├─ NotFound              Vault answered 404
-    │  └─ Conflict              check-and-set lost: the thing already exists or changed
+    │  ├─ Conflict              check-and-set lost: the thing already exists or changed
+    │  └─ RequestTooLarge       the server's request JSON limits refused the request
     ├─ IdentityError            login failed: which auth method, which role
     ├─ DecryptError             one opaque type for every decryption failure
     ├─ ResolveError             unknown placeholders, secrets where they may not go
@@ -80,6 +81,10 @@ class NotFound(VaultError):
 
 class Conflict(VaultError):
     pass
+
+
+class RequestTooLarge(VaultError):
+    hint = "raise max_request_json_strings / max_request_json_memory on the listener"
 
 
 class IdentityError(BrokerError):

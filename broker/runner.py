@@ -74,7 +74,7 @@ class ExecutionSession:
 
     def _read_context(self, client: VaultClient) -> ExecutionContext:
         try:
-            document = KV(client, self._layout.kv_mount).read(self._context_path).data
+            document, _ = KV(client, self._layout.kv_mount).read_resource(self._context_path)
         except NotFound:
             raise ValidationError(
                 f"execution {self.options.execution_id}",

@@ -71,7 +71,7 @@ def instance(*refs: str) -> AgentInstance:
 
 
 def raw(vault: Vault, path: str) -> dict[str, Any]:
-    return KV(vault.admin, vault.layout.kv_mount).read(path).data
+    return KV(vault.admin, vault.layout.kv_mount).read_resource(path)[0]
 
 
 def test_secret_values_are_stored_as_ciphertext(vault: Vault, tenant: str) -> None:

@@ -256,3 +256,47 @@ def test_child_env_does_not_get_broker_credentials(vault: Vault) -> None:
         {"VAULT_TOKEN": "t", "BAO_ADDR": "a", "PATH": os.environ["PATH"]}
     )
     assert set(environ) == {"PATH"}
+
+
+def test_a_thousand_secrets_round_trip(
+    vault: Vault, tenant: str, shm: Path, tmp_path: Path
+) -> None:
+    """Larger than one request may carry: Environment and context storage, and Transit batches."""
+    data = {f"SECRET_{i}": (f"value-{i}-" + "x" * 40, True) for i in range(1000)}
+    EnvironmentStore(vault.admin, vault.layout).create(tenant, environment("big", **data))
+    ExecutionIssuer(vault.admin, vault.layout).create(
+        tenant, agent(), instance("big"), execution_id="big-1"
+    )
+    check = (
+        "import json, os, sys\n"
+        "values = json.load(open(os.environ['STIGMER_ENV_JSON']))\n"
+        "ok = all(values[f'SECRET_{i}'] == os.environ[f'SECRET_{i}'] == f'value-{i}-' + 'x' * 40 for i in range(1000))\n"
+        "sys.exit(0 if ok and len(values) == 1000 else 5)\n"
+    )
+    assert (
+        run(
+            session(vault, tenant, "big-1", shm, vault.jwt_for(tenant, tmp_path)),
+            [sys.executable, "-c", check],
+        )
+        == 0
+    )
+
+
+def test_transit_batches_split_when_the_server_refuses_the_size(vault: Vault, tenant: str) -> None:
+    from broker.vault import Transit
+
+    transit = Transit(vault.admin, vault.layout.transit_mount, chunk=5000)  # above the server limit
+    values = [f"v{i}" for i in range(1200)]
+    ciphertexts = transit.encrypt(vault.layout.transit_key(tenant), values)
+    assert transit.decrypt(vault.layout.transit_key(tenant), ciphertexts) == values
+
+
+def test_tampered_ciphertext_is_one_opaque_error(vault: Vault, tenant: str) -> None:
+    from broker.errors import DecryptError
+    from broker.vault import Transit
+
+    transit = Transit(vault.admin, vault.layout.transit_mount)
+    good = transit.encrypt(vault.layout.transit_key(tenant), ["a", "b"])
+    with pytest.raises(DecryptError) as caught:
+        transit.decrypt(vault.layout.transit_key(tenant), [good[0], good[1][:-4] + "AAAA"])
+    assert str(caught.value) == "decryption failed for the execution's secrets"

@@ -53,12 +53,12 @@ class EnvironmentStore:
         """Create or replace; check-and-set on the version read, so a concurrent edit fails."""
         path = self._layout.environment_path(tenant, environment.name)
         try:
-            version = self._kv.read(path).version
+            version = self._kv.read_resource(path)[1]
         except NotFound:
             version = 0
         document = self._sealed(tenant, environment)
         try:
-            return self._kv.write(path, document, cas=version)
+            return self._kv.write_resource(path, document, cas=version)
         except Conflict:
             raise ValidationError(
                 f"Environment {environment.name}",
@@ -70,7 +70,7 @@ class EnvironmentStore:
         path = self._layout.environment_path(tenant, environment.name)
         document = self._sealed(tenant, environment)
         try:
-            return self._kv.write(path, document, cas=0)
+            return self._kv.write_resource(path, document, cas=0)
         except Conflict:
             raise ValidationError(
                 f"Environment {environment.name}",
@@ -81,7 +81,7 @@ class EnvironmentStore:
         """The stored Environment; secret values are ciphertext."""
         path = self._layout.environment_path(tenant, name)
         try:
-            document = self._kv.read(path).data
+            document, _ = self._kv.read_resource(path)
         except NotFound:
             raise ValidationError(
                 f"Environment {name}", [f"not found in tenant {tenant}"]

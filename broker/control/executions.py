@@ -188,7 +188,7 @@ class ExecutionIssuer:
         )
         path = self._layout.context_path(tenant, execution_id)
         try:
-            self._kv.write(path, context.model_dump(mode="json"), cas=0)
+            self._kv.write_resource(path, context.model_dump(mode="json"), cas=0)
         except Conflict:
             raise ValidationError(
                 f"execution {execution_id}", ["an execution with this id already exists"]
@@ -212,7 +212,7 @@ class ExecutionIssuer:
         """The context with secret values masked."""
         path = self._layout.context_path(tenant, execution_id)
         try:
-            document = self._kv.read(path).data
+            document, _ = self._kv.read_resource(path)
         except NotFound:
             raise ValidationError(
                 f"execution {execution_id}", [f"no context in tenant {tenant} (ended or expired)"]

@@ -20,6 +20,7 @@ from broker.errors import (
     Conflict,
     NotFound,
     PermissionDenied,
+    RequestTooLarge,
     VaultError,
     VaultUnavailable,
 )
@@ -45,6 +46,9 @@ def translate(operation: str, path: str) -> Iterator[None]:
         text = " ".join(str(e) for e in (exc.errors or [])).lower()
         if any(marker in text for marker in _CAS_MISMATCH):
             raise Conflict(operation, path, "check-and-set failed (it exists or changed)") from None
+        if "json input" in text or "maximum number of strings" in text:
+            reason = "request too large for the server's JSON limits (max_request_json_*)"
+            raise RequestTooLarge(operation, path, reason) from None
         raise VaultError(operation, path, "invalid request") from None
     except hvac.exceptions.Unauthorized:
         raise PermissionDenied(operation, path, "unauthorized (missing or invalid token)") from None

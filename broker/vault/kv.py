@@ -1,13 +1,21 @@
-"""KV v2 operations on the broker's mount: versioned documents with check-and-set."""
+"""KV v2 operations on the broker's mount: versioned documents with check-and-set.
+
+Resources are stored as one JSON string (``{"format": ..., "resource": "<json>"}``), not as a
+JSON tree: OpenBao's listener refuses requests with more than 1000 JSON strings by default
+(``max_request_json_strings``), which a tree of a few hundred variables already exceeds.
+"""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from broker.errors import NotFound
+from broker.errors import NotFound, VaultError
 from broker.vault.client import VaultClient
+
+FORMAT = "stigmer-broker/v1"
 
 
 @dataclass(frozen=True)
@@ -48,3 +56,22 @@ class KV:
 
     def list(self, path: str) -> list[str]:
         return self._client.list(f"{self.mount}/metadata/{path}")
+
+    def write_resource(self, path: str, resource: Mapping[str, Any], cas: int | None = None) -> int:
+        """Write a resource document as one JSON string (see the module docstring)."""
+        text = json.dumps(resource, separators=(",", ":"), sort_keys=True)
+        return self.write(path, {"format": FORMAT, "resource": text}, cas=cas)
+
+    def read_resource(self, path: str) -> tuple[dict[str, Any], int]:
+        """The resource document stored at ``path`` and its version."""
+        document = self.read(path)
+        text = document.data.get("resource")
+        if document.data.get("format") != FORMAT or not isinstance(text, str):
+            raise VaultError("read", f"{self.mount}/data/{path}", f"not a {FORMAT} document")
+        try:
+            resource = json.loads(text)
+        except ValueError:
+            raise VaultError("read", f"{self.mount}/data/{path}", "corrupt document") from None
+        if not isinstance(resource, dict):
+            raise VaultError("read", f"{self.mount}/data/{path}", "corrupt document")
+        return resource, document.version

@@ -1,7 +1,8 @@
 """Transit encrypt/decrypt in batches, chunked below the server's request limits.
 
-OpenBao's listener refuses a request with too many JSON strings (a ``batch_input`` of somewhere
-between 400 and 500 items with default settings), so batches are split into chunks.
+OpenBao's listener refuses a request with more than 1000 JSON strings by default (a
+``batch_input`` of 500 items), so batches are sent in chunks of at most 400 items; a server
+configured with a lower limit makes a chunk split in half until it fits.
 """
 
 from __future__ import annotations
@@ -10,14 +11,10 @@ import base64
 from collections.abc import Sequence
 from typing import Any
 
-from broker.errors import DecryptError, NotFound, VaultError
+from broker.errors import DecryptError, NotFound, PermissionDenied, RequestTooLarge, VaultError
 from broker.vault.client import VaultClient
 
-DEFAULT_CHUNK = 200
-
-
-def _chunks(items: Sequence[str], size: int) -> list[Sequence[str]]:
-    return [items[i : i + size] for i in range(0, len(items), size)]
+DEFAULT_CHUNK = 400
 
 
 class Transit:
@@ -36,37 +33,49 @@ class Transit:
             return False
         return True
 
-    def encrypt(self, key: str, plaintexts: Sequence[str]) -> list[str]:
-        """Encrypt many values; one request per chunk. Returns ``vault:vN:…`` ciphertexts."""
+    def _send(
+        self, operation: str, key: str, batch: Sequence[dict[str, str]], field: str
+    ) -> list[str]:
+        path = f"{self.mount}/{operation}/{key}"
+        try:
+            answer = self._client.post(path, {"batch_input": list(batch)}, operation=operation)
+        except RequestTooLarge:
+            if len(batch) == 1:
+                raise
+            half = len(batch) // 2
+            return self._send(operation, key, batch[:half], field) + self._send(
+                operation, key, batch[half:], field
+            )
+        results: list[dict[str, Any]] = answer.get("data", {}).get("batch_results", [])
+        if len(results) != len(batch) or any(field not in r for r in results):
+            raise VaultError(operation, path, "batch result incomplete")
+        return [str(r[field]) for r in results]
+
+    def _batch(
+        self, operation: str, key: str, batch: Sequence[dict[str, str]], field: str
+    ) -> list[str]:
         out: list[str] = []
-        for chunk in _chunks(plaintexts, self.chunk):
-            batch = [{"plaintext": base64.b64encode(p.encode()).decode()} for p in chunk]
-            path = f"{self.mount}/encrypt/{key}"
-            answer = self._client.post(path, {"batch_input": batch}, operation="encrypt")
-            results: list[dict[str, Any]] = answer.get("data", {}).get("batch_results", [])
-            if len(results) != len(chunk) or any("ciphertext" not in r for r in results):
-                raise VaultError("encrypt", path, "batch result incomplete")
-            out.extend(str(r["ciphertext"]) for r in results)
+        for start in range(0, len(batch), self.chunk):
+            out.extend(self._send(operation, key, batch[start : start + self.chunk], field))
         return out
 
+    def encrypt(self, key: str, plaintexts: Sequence[str]) -> list[str]:
+        """Encrypt many values in as few requests as the server allows; ``vault:vN:…`` out."""
+        batch = [{"plaintext": base64.b64encode(p.encode()).decode()} for p in plaintexts]
+        return self._batch("encrypt", key, batch, "ciphertext")
+
     def decrypt(self, key: str, ciphertexts: Sequence[str]) -> list[str]:
-        """Decrypt many values; any failure is one opaque DecryptError."""
-        out: list[str] = []
-        for chunk in _chunks(ciphertexts, self.chunk):
-            batch = [{"ciphertext": c} for c in chunk]
-            try:
-                answer = self._client.post(
-                    f"{self.mount}/decrypt/{key}", {"batch_input": batch}, operation="decrypt"
-                )
-            except VaultError as exc:
-                if exc.retryable or "permission" in exc.reason:
-                    raise
-                raise DecryptError() from None
-            results: list[dict[str, Any]] = answer.get("data", {}).get("batch_results", [])
-            if len(results) != len(chunk) or any("plaintext" not in r for r in results):
-                raise DecryptError()
-            try:
-                out.extend(base64.b64decode(r["plaintext"]).decode() for r in results)
-            except (ValueError, UnicodeDecodeError):
-                raise DecryptError() from None
-        return out
+        """Decrypt many values; any failure of the values themselves is one opaque DecryptError."""
+        try:
+            encoded = self._batch(
+                "decrypt", key, [{"ciphertext": c} for c in ciphertexts], "plaintext"
+            )
+            return [base64.b64decode(p, validate=True).decode() for p in encoded]
+        except (PermissionDenied, RequestTooLarge):
+            raise
+        except VaultError as exc:
+            if exc.retryable:
+                raise
+            raise DecryptError() from None
+        except (ValueError, UnicodeDecodeError):
+            raise DecryptError() from None
