@@ -175,19 +175,29 @@ def cmd_dev_token(args: argparse.Namespace) -> int:
 def cmd_setup(args: argparse.Namespace) -> int:
     from broker.control.setup import Bootstrap, JwtSettings
 
+    client = _client()  # settings first: a bad invocation creates nothing
     if args.jwt_public_key:
-        keys = tuple(Path(p).read_text() for p in args.jwt_public_key)
+        keys = tuple(_read_text("--jwt-public-key", Path(p)) for p in args.jwt_public_key)
     else:
         key = _identity_key(args)
-        identity.create_key(key)
+        if not key.exists():
+            identity.create_key(key)
+            print(f"created    dev identity key {key}")
         keys = (identity.public_pem(key),)
     jwt = JwtSettings(public_keys=keys, issuer=args.jwt_issuer, audience=args.jwt_audience)
-    changes = Bootstrap(_client(), Layout.from_env()).run(args.tenant or [], jwt)
+    changes = Bootstrap(client, Layout.from_env()).run(args.tenant or [], jwt)
     for change in changes:
         print(f"{change.action:9}  {change.item}")
     changed = [c for c in changes if c.action != "unchanged"]
     print(f"setup: {len(changed)} changed" if changed else "setup: nothing to change")
     return 0
+
+
+def _read_text(flag: str, path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{flag} {path}: cannot read ({exc.strerror})") from None
 
 
 # --- env --------------------------------------------------------------------------------------

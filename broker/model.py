@@ -548,6 +548,13 @@ def parse_resource(
         raise ValidationError(label, format_errors(exc)) from None
 
 
+def to_document(resource: _Resource) -> dict[str, Any]:
+    """The resource as a plain document for people: fields at their defaults left out."""
+    dumped = resource.model_dump(mode="json", exclude_defaults=True)
+    order = ("api_version", "kind", "metadata", "spec", "status")
+    return {key: dumped[key] for key in order if key in dumped}
+
+
 def load_documents(path: Path) -> list[Any]:
     """Read every document from a YAML (multi-document) or JSON file."""
     try:

@@ -212,11 +212,7 @@ def test_cli_env_commands(vault: Vault, tenant: str, tmp_path: Path) -> None:
     shown = cli(vault, "env", "get", "cli-env", "--tenant", tenant, "-o", "json")
     document = json.loads(shown.stdout)
     assert document["spec"]["data"]["TOKEN"]["value"] == "<secret>"
-    assert document["spec"]["data"]["PROMPTED"] == {
-        "value": "<secret>",
-        "is_secret": True,
-        "description": "",
-    }
+    assert document["spec"]["data"]["PROMPTED"] == {"value": "<secret>", "is_secret": True}
     assert document["spec"]["data"]["REGION"]["value"] == "eu"  # --env wins over --env-file
     assert document["spec"]["description"] == "made by the CLI"
     assert "canary" not in shown.stdout + created.stdout + created.stderr

@@ -88,10 +88,11 @@ def test_dev_down_leaves_other_servers_alone(vault: Vault, tmp_path: Path) -> No
     assert vault.admin.health()
 
 
-def test_setup_needs_vault_settings() -> None:
-    result = broker("setup")
+def test_setup_needs_vault_settings(tmp_path: Path) -> None:
+    result = broker("setup", cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip() == "stigmer-broker: error: VAULT_ADDR (or BAO_ADDR) is not set"
+    assert list(tmp_path.iterdir()) == []  # nothing created
 
 
 def test_vault_unreachable_is_one_clear_line(tmp_path: Path) -> None:

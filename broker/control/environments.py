@@ -7,7 +7,7 @@ from typing import Any
 from broker import ids
 from broker.config import Layout
 from broker.errors import Conflict, NotFound, ValidationError
-from broker.model import Environment, parse_resource
+from broker.model import Environment, parse_resource, to_document
 from broker.vault import KV, Transit, VaultClient
 
 MASK = "<secret>"
@@ -20,9 +20,9 @@ def is_ciphertext(value: str) -> bool:
 
 def masked(resource: Environment) -> dict[str, Any]:
     """The resource as a document with every secret value replaced by ``<secret>``."""
-    document = resource.model_dump(mode="json", exclude_none=True)
-    for entry in document["spec"]["data"].values():
-        if entry["is_secret"] and entry["value"]:
+    document = to_document(resource)
+    for entry in document.get("spec", {}).get("data", {}).values():
+        if entry.get("is_secret") and entry.get("value"):
             entry["value"] = MASK
     return document
 

@@ -25,6 +25,7 @@ from broker.model import (
     Workflow,
     WorkflowInstance,
     parse_resource,
+    to_document,
 )
 from broker.resolve import Entry, Layer, Variable, mask, merge, resolve_servers
 from broker.vault import KV, Transit, VaultClient
@@ -218,9 +219,9 @@ class ExecutionIssuer:
                 f"execution {execution_id}", [f"no context in tenant {tenant} (ended or expired)"]
             ) from None
         context = parse_resource(document, ExecutionContext)
-        shown = context.model_dump(mode="json", exclude_none=True)
-        for entry in shown["spec"]["data"].values():
-            if entry["is_secret"]:
+        shown = to_document(context)
+        for entry in shown["spec"].get("data", {}).values():
+            if entry.get("is_secret"):
                 entry["value"] = MASK
         return shown
 
