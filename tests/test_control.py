@@ -278,3 +278,69 @@ def test_cli_execution_create_json(vault: Vault, tenant: str, tmp_path: Path) ->
     assert "rt_canary_3" not in shown.stdout and "<secret>" in shown.stdout
     assert cli(vault, "execution", "end", "cli-exec-1", "--tenant", tenant).returncode == 0
     assert context_paths(vault, tenant) == []
+
+
+def test_cli_env_apply_with_one_bad_document_stores_nothing(
+    vault: Vault, tenant: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "envs.yaml"
+    path.write_text(
+        "api_version: agentic.stigmer.ai/v1\nkind: Environment\nmetadata: {name: good}\n"
+        "spec: {data: {A: {value: '1'}}}\n---\n"
+        "api_version: agentic.stigmer.ai/v1\nkind: Environment\nmetadata: {name: bad}\n"
+        "spec: {data: {'NOT OK': {value: '1'}}}\n"
+    )
+    result = cli(vault, "env", "apply", "-f", str(path), "--tenant", tenant)
+    assert result.returncode == 2
+    assert "Environment bad: spec.data.NOT OK" in result.stderr
+    assert cli(vault, "env", "list", "--tenant", tenant).stdout == ""
+
+
+def test_secret_prompt_does_not_echo(vault: Vault, tenant: str) -> None:
+    import os
+    import pty
+    import sys
+
+    canary = "cnry-prompt-8c1d-do-not-echo"
+    pid, fd = pty.fork()
+    if pid == 0:  # child: the CLI on a terminal
+        os.execve(
+            sys.executable,
+            [
+                sys.executable,
+                "-m",
+                "broker.cli",
+                "env",
+                "create",
+                "tty-env",
+                "--tenant",
+                tenant,
+                "--secret",
+                "TTY_SECRET",
+            ],
+            vault.environ(),
+        )
+    transcript = b""
+    while b"value for secret TTY_SECRET:" not in transcript:
+        transcript += os.read(fd, 1024)
+    os.write(fd, canary.encode() + b"\n")
+    while True:
+        try:
+            chunk = os.read(fd, 1024)
+        except OSError:
+            break
+        if not chunk:
+            break
+        transcript += chunk
+    _, status = os.waitpid(pid, 0)
+    os.close(fd)
+    assert os.waitstatus_to_exitcode(status) == 0, transcript
+    assert b"environment tty-env created" in transcript
+    assert canary.encode() not in transcript
+    stored = (
+        EnvironmentStore(vault.admin, vault.layout).get(tenant, "tty-env").spec.data["TTY_SECRET"]
+    )
+    from broker.vault import Transit
+
+    transit = Transit(vault.admin, vault.layout.transit_mount)
+    assert transit.decrypt(vault.layout.transit_key(tenant), [stored.value]) == [canary]

