@@ -19,10 +19,11 @@ from typing import Literal
 
 from broker import ids, logs
 from broker.config import Layout
-from broker.errors import BrokerError, ConfigError, NotFound, RevokeError, ValidationError
-from broker.model import ExecutionContext, parse_resource
+from broker.errors import BrokerError, ConfigError, RevokeError, ValidationError
+from broker.model import ExecutionContext
 from broker.render import RenderedFiles, prepare_directory, render, wipe
 from broker.resolve import Variable, resolve_servers
+from broker.store import read_context
 from broker.vault import KV, Login, Transit, VaultClient, create_child_token, jwt_login, revoke_self
 from broker.vault.auth import read_jwt
 
@@ -73,14 +74,8 @@ class ExecutionSession:
         return self._layout.context_path(self.options.tenant, self.options.execution_id)
 
     def _read_context(self, client: VaultClient) -> ExecutionContext:
-        try:
-            document, _ = KV(client, self._layout.kv_mount).read_resource(self._context_path)
-        except NotFound:
-            raise ValidationError(
-                f"execution {self.options.execution_id}",
-                [f"no context in tenant {self.options.tenant} (never issued, ended or expired)"],
-            ) from None
-        context = parse_resource(document, ExecutionContext)
+        options = self.options
+        context = read_context(client, self._layout, options.tenant, options.execution_id)
         spec = context.spec
         if spec.tenant and spec.tenant != self.options.tenant:
             raise ValidationError(

@@ -7,7 +7,8 @@ from typing import Any
 from broker import ids
 from broker.config import Layout
 from broker.errors import Conflict, NotFound, ValidationError
-from broker.model import Environment, parse_resource, to_document
+from broker.model import Environment, to_document
+from broker.store import load_stored
 from broker.vault import KV, Transit, VaultClient
 
 MASK = "<secret>"
@@ -80,13 +81,10 @@ class EnvironmentStore:
     def get(self, tenant: str, name: str) -> Environment:
         """The stored Environment; secret values are ciphertext."""
         path = self._layout.environment_path(tenant, name)
-        try:
-            document, _ = self._kv.read_resource(path)
-        except NotFound:
-            raise ValidationError(
-                f"Environment {name}", [f"not found in tenant {tenant}"]
-            ) from None
-        environment = parse_resource(document, Environment)
+        label = f"Environment {name}"
+        environment = load_stored(
+            self._kv, path, Environment, label, f"not found in tenant {tenant}"
+        )
         for key, entry in environment.spec.data.items():
             if entry.is_secret and entry.value and not is_ciphertext(entry.value):
                 raise ValidationError(

@@ -15,7 +15,7 @@ from typing import Any
 from broker import ids
 from broker.config import Layout
 from broker.control.environments import MASK, EnvironmentStore, is_ciphertext
-from broker.errors import BrokerError, Conflict, NotFound, ValidationError
+from broker.errors import BrokerError, Conflict, ValidationError
 from broker.model import (
     API_VERSION,
     Agent,
@@ -28,6 +28,7 @@ from broker.model import (
     to_document,
 )
 from broker.resolve import Entry, Layer, Variable, mask, merge, resolve_servers
+from broker.store import read_context
 from broker.vault import KV, Transit, VaultClient
 
 MAX_TTL = timedelta(days=7)
@@ -96,6 +97,7 @@ class ExecutionIssuer:
 
     def __init__(self, client: VaultClient, layout: Layout) -> None:
         self._layout = layout
+        self._client = client
         self._kv = KV(client, layout.kv_mount)
         self._transit = Transit(client, layout.transit_mount)
         self._environments = EnvironmentStore(client, layout)
@@ -211,14 +213,7 @@ class ExecutionIssuer:
 
     def show(self, tenant: str, execution_id: str) -> dict[str, Any]:
         """The context with secret values masked."""
-        path = self._layout.context_path(tenant, execution_id)
-        try:
-            document, _ = self._kv.read_resource(path)
-        except NotFound:
-            raise ValidationError(
-                f"execution {execution_id}", [f"no context in tenant {tenant} (ended or expired)"]
-            ) from None
-        context = parse_resource(document, ExecutionContext)
+        context = read_context(self._client, self._layout, tenant, execution_id)
         shown = to_document(context)
         for entry in shown["spec"].get("data", {}).values():
             if entry.get("is_secret"):
