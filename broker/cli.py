@@ -173,11 +173,17 @@ def cmd_dev_token(args: argparse.Namespace) -> int:
 
 
 def cmd_setup(args: argparse.Namespace) -> int:
-    from broker.control.setup import Bootstrap, JwtSettings
+    from broker.control.setup import (
+        AppRoleSettings,
+        Bootstrap,
+        JwtSettings,
+        KubernetesSettings,
+        read_public_keys,
+    )
 
     client = _client()  # settings first: a bad invocation creates nothing
     if args.jwt_public_key:
-        keys = tuple(_read_text("--jwt-public-key", Path(p)) for p in args.jwt_public_key)
+        keys = read_public_keys(args.jwt_public_key)
     else:
         key = _identity_key(args)
         if not key.exists():
@@ -185,7 +191,24 @@ def cmd_setup(args: argparse.Namespace) -> int:
             print(f"created    dev identity key {key}")
         keys = (identity.public_pem(key),)
     jwt = JwtSettings(public_keys=keys, issuer=args.jwt_issuer, audience=args.jwt_audience)
-    changes = Bootstrap(client, Layout.from_env()).run(args.tenant or [], jwt)
+    kubernetes = None
+    if args.kubernetes_host:
+        ca = (
+            _read_text("--kubernetes-ca-cert", Path(args.kubernetes_ca_cert))
+            if args.kubernetes_ca_cert
+            else ""
+        )
+        kubernetes = KubernetesSettings(
+            host=args.kubernetes_host, ca_cert=ca, audience=args.jwt_audience
+        )
+    approle = None
+    if args.approle_tenant:
+        approle = AppRoleSettings(
+            tenants=tuple(args.approle_tenant),
+            secret_id_ttl=int(parse_duration(args.secret_id_ttl).total_seconds()),
+            secret_id_num_uses=args.secret_id_num_uses,
+        )
+    changes = Bootstrap(client, Layout.from_env()).run(args.tenant or [], jwt, kubernetes, approle)
     for change in changes:
         print(f"{change.action:9}  {change.item}")
     changed = [c for c in changes if c.action != "unchanged"]
@@ -198,6 +221,75 @@ def _read_text(flag: str, path: Path) -> str:
         return path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{flag} {path}: cannot read ({exc.strerror})") from None
+
+
+# --- policy ---------------------------------------------------------------------------------
+
+
+def _sources(args: argparse.Namespace) -> Any:
+    from broker.control.setup import Bootstrap
+    from broker.policies import IdentitySources
+
+    if args.jwt_accessor or args.kubernetes_accessor or args.approle:
+        return IdentitySources(
+            jwt=args.jwt_accessor or "",
+            kubernetes=args.kubernetes_accessor or "",
+            approle="approle" if args.approle else "",
+        )
+    return Bootstrap(_client(), Layout.from_env()).current_sources()
+
+
+def cmd_policy_render(args: argparse.Namespace) -> int:
+    from broker import policies
+
+    for name, text in policies.render(Layout.from_env(), _sources(args)).items():
+        print(f"# ===== policy {name} =====")
+        print(text.rstrip() + "\n")
+    return 0
+
+
+def cmd_policy_apply(args: argparse.Namespace) -> int:
+    from broker.control.setup import Bootstrap
+
+    bootstrap = Bootstrap(_client(), Layout.from_env())
+    bootstrap.policies(bootstrap.current_sources())
+    for change in bootstrap.changes:
+        print(f"{change.action:9}  {change.item}")
+    return 0
+
+
+def cmd_policy_check(args: argparse.Namespace) -> int:
+    from broker.control.policy_check import PolicyCheck
+
+    ids.tenant(args.tenant)
+    ids.tenant(args.other_tenant)
+    if args.tenant == args.other_tenant:
+        raise ConfigError("--other-tenant must differ from --tenant")
+    if args.runner_jwt:
+        runner_jwt = _read_text("--runner-jwt", Path(args.runner_jwt)).strip()
+    else:
+        key = _identity_key(args)
+        if not key.is_file():
+            raise ConfigError(
+                f"no --runner-jwt and no dev identity key at {key}: pass a service-account "
+                f"token from a runner pod in namespace {args.tenant}"
+            )
+        runner_jwt = identity.mint_token(key, args.tenant, pod="policy-check", ttl_seconds=300)
+    report = PolicyCheck(_client(), Layout.from_env()).run(
+        args.tenant, args.other_tenant, runner_jwt
+    )
+    print(report.table())
+    if not report.ok:
+        wrong = [c for c in report.cells if not c.ok]
+        for cell in wrong:
+            print(
+                f"MISMATCH {cell.identity} {cell.operation} ({cell.scope}): expected "
+                f"{cell.expected}, got {cell.got}",
+                file=sys.stderr,
+            )
+        return 1
+    print("policy check: every cell as expected")
+    return 0
 
 
 # --- env --------------------------------------------------------------------------------------
@@ -399,6 +491,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--identity-key", help="dev identity private key to use when no --jwt-public-key"
     )
+    p.add_argument(
+        "--kubernetes-host", metavar="URL", help="also enable Kubernetes auth (API server URL)"
+    )
+    p.add_argument("--kubernetes-ca-cert", metavar="PEM_FILE")
+    p.add_argument(
+        "--approle-tenant",
+        action="append",
+        metavar="T",
+        help="also enable AppRole with a runner role for tenant T (runners outside Kubernetes)",
+    )
+    p.add_argument("--secret-id-ttl", default="10m", help="AppRole secret_id TTL")
+    p.add_argument("--secret-id-num-uses", type=int, default=1, help="AppRole secret_id uses")
+
+    policy = commands.add_parser("policy", help="Vault policies").add_subparsers(
+        dest="policy_command", required=True, metavar="COMMAND"
+    )
+    p = sub(policy, "render", cmd_policy_render, "print the policies for this layout")
+    p.add_argument("--jwt-accessor", help="render offline with this JWT auth mount accessor")
+    p.add_argument("--kubernetes-accessor", help="…and this Kubernetes auth mount accessor")
+    p.add_argument("--approle", action="store_true", help="…and the AppRole block")
+    sub(policy, "apply", cmd_policy_apply, "write the policies to Vault")
+    p = sub(policy, "check", cmd_policy_check, "prove the allowed/denied matrix on a live Vault")
+    p.add_argument("--tenant", required=True, help="the runner identity's tenant")
+    p.add_argument("--other-tenant", required=True, help="a second tenant it must not reach")
+    p.add_argument("--runner-jwt", metavar="FILE", help="service-account JWT from --tenant")
+    p.add_argument("--state-dir", default=str(devserver.DEFAULT_STATE_DIR))
+    p.add_argument("--identity-key", help="dev identity key to mint the runner JWT")
 
     env = commands.add_parser("env", help="Environments").add_subparsers(
         dest="env_command", required=True, metavar="COMMAND"

@@ -17,6 +17,8 @@ class Layout:
     kv_mount: str = "stigmer"
     transit_mount: str = "stigmer-transit"
     jwt_mount: str = "jwt"
+    kubernetes_mount: str = "kubernetes"
+    approle_mount: str = "approle"
     runner_role: str = "stigmer-runner"
 
     @classmethod
@@ -25,6 +27,8 @@ class Layout:
             kv_mount=environ.get("STIGMER_KV_MOUNT", cls.kv_mount),
             transit_mount=environ.get("STIGMER_TRANSIT_MOUNT", cls.transit_mount),
             jwt_mount=environ.get("STIGMER_JWT_MOUNT", cls.jwt_mount),
+            kubernetes_mount=environ.get("STIGMER_KUBERNETES_MOUNT", cls.kubernetes_mount),
+            approle_mount=environ.get("STIGMER_APPROLE_MOUNT", cls.approle_mount),
             runner_role=environ.get("STIGMER_RUNNER_ROLE", cls.runner_role),
         )
 
@@ -39,6 +43,9 @@ class Layout:
 
     def claim_path(self, tenant: str, execution_id: str) -> str:
         return f"execution-claims/{ids.tenant(tenant)}/{ids.execution_id(execution_id)}"
+
+    def approle_role(self, tenant: str) -> str:
+        return f"{self.runner_role}-{ids.tenant(tenant)}"
 
     def transit_key(self, tenant: str) -> str:
         return f"env-{ids.tenant(tenant)}"

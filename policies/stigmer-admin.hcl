@@ -1,7 +1,10 @@
-# stigmer-admin: the Vault admin who runs `stigmer-broker setup`, rotates keys and rewraps.
+# stigmer-admin: the Vault admin who runs `stigmer-broker setup`, `policy apply|check` and
+# `keys rotate|rewrap`.
 #
-# Mounts, auth methods, roles and policies for the broker; Transit key management and rewrap.
-# It has no decrypt capability either: rewrap re-encrypts without exposing plaintext.
+# Mounts, auth methods, roles, policies and Transit key management for the broker. It has no
+# decrypt capability either: rewrap re-encrypts inside Vault without exposing plaintext.
+# `policy check` mints short-lived tokens carrying the other stigmer-* policies, which needs
+# sudo on auth/token/create; drop that block if you run `policy check` as root instead.
 
 path "sys/mounts" {
   capabilities = ["read"]
@@ -15,7 +18,7 @@ path "sys/mounts/${transit_mount}" {
 path "sys/auth" {
   capabilities = ["read"]
 }
-path "sys/auth/${jwt_mount}" {
+path "sys/auth/*" {
   capabilities = ["create", "read", "update", "sudo"]
 }
 path "auth/${jwt_mount}/config" {
@@ -24,8 +27,35 @@ path "auth/${jwt_mount}/config" {
 path "auth/${jwt_mount}/role/*" {
   capabilities = ["create", "read", "update", "delete", "list"]
 }
+path "auth/${kubernetes_mount}/config" {
+  capabilities = ["create", "read", "update"]
+}
+path "auth/${kubernetes_mount}/role/*" {
+  capabilities = ["create", "read", "update", "delete", "list"]
+}
+path "auth/${approle_mount}/role/*" {
+  capabilities = ["create", "read", "update", "delete", "list"]
+}
+path "identity/entity" {
+  capabilities = ["create", "update"]
+}
+path "identity/entity/name/stigmer-*" {
+  capabilities = ["create", "read", "update"]
+}
+path "identity/entity-alias" {
+  capabilities = ["create", "update"]
+}
+path "identity/lookup/entity" {
+  capabilities = ["update"]
+}
 path "sys/policies/acl/stigmer-*" {
   capabilities = ["create", "read", "update", "delete"]
+}
+path "auth/token/create" {
+  capabilities = ["update", "sudo"]
+}
+path "auth/token/revoke-accessor" {
+  capabilities = ["update"]
 }
 path "${transit_mount}/keys/env-*" {
   capabilities = ["create", "read", "update"]

@@ -1,16 +1,24 @@
-"""Bootstrap any Vault for the broker, idempotently: read each piece, write only what differs."""
+"""Bootstrap any Vault for the broker, idempotently: read each piece, write only what differs.
+
+What it configures: the KV v2 and Transit mounts, one Transit key per tenant, the runner
+identities (JWT auth always; Kubernetes auth and AppRole on request), and the policies.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from broker import ids, policies
 from broker.config import Layout
 from broker.errors import ConfigError, NotFound
 from broker.identity import DEFAULT_AUDIENCE, DEFAULT_ISSUER, SERVICE_ACCOUNT
+from broker.policies import IdentitySources
 from broker.vault import Transit, VaultClient
+
+RUNNER_POLICY = "stigmer-runner"
 
 
 @dataclass(frozen=True)
@@ -20,34 +28,52 @@ class Change:
 
 
 @dataclass(frozen=True)
+class TokenLimits:
+    """Runner login tokens are short-lived; the broker renews them while it works."""
+
+    ttl: int = 15 * 60
+    max_ttl: int = 2 * 3600
+
+
+@dataclass(frozen=True)
 class JwtSettings:
     public_keys: tuple[str, ...]
     issuer: str = DEFAULT_ISSUER
     audience: str = DEFAULT_AUDIENCE
     service_account: str = SERVICE_ACCOUNT
-    token_ttl: str = "1h"
-    token_max_ttl: str = "4h"
+    leeway_seconds: int = 60
 
 
-def _seconds(value: str) -> int:
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    return int(value[:-1]) * units[value[-1]] if value[-1] in units else int(value)
+@dataclass(frozen=True)
+class KubernetesSettings:
+    host: str
+    ca_cert: str = ""
+    audience: str = DEFAULT_AUDIENCE
+    service_account: str = SERVICE_ACCOUNT
 
 
+@dataclass(frozen=True)
+class AppRoleSettings:
+    tenants: tuple[str, ...]
+    secret_id_ttl: int = 10 * 60
+    secret_id_num_uses: int = 1
+
+
+@dataclass
 class Bootstrap:
-    def __init__(self, client: VaultClient, layout: Layout) -> None:
-        self._client = client
-        self._layout = layout
-        self.changes: list[Change] = []
+    client: VaultClient
+    layout: Layout
+    limits: TokenLimits = field(default_factory=TokenLimits)
+    changes: list[Change] = field(default_factory=list)
 
     def _note(self, item: str, action: str) -> None:
         self.changes.append(Change(item, action))
 
     def _mount(self, path: str, kind: str, options: dict[str, str]) -> None:
-        mounts = self._client.get("sys/mounts").get("data", {})
+        mounts = self.client.get("sys/mounts").get("data", {})
         current = mounts.get(f"{path}/")
         if current is None:
-            self._client.post(f"sys/mounts/{path}", {"type": kind, "options": options})
+            self.client.post(f"sys/mounts/{path}", {"type": kind, "options": options})
             self._note(f"secrets engine {path}/ ({kind})", "created")
             return
         if current.get("type") != kind or any(
@@ -57,104 +83,211 @@ class Bootstrap:
         self._note(f"secrets engine {path}/ ({kind})", "unchanged")
 
     def _transit_key(self, tenant: str) -> None:
-        transit = Transit(self._client, self._layout.transit_mount)
-        key = self._layout.transit_key(tenant)
+        transit = Transit(self.client, self.layout.transit_mount)
+        key = self.layout.transit_key(tenant)
         if transit.key_exists(key):
             self._note(f"transit key {key}", "unchanged")
         else:
             transit.create_key(key)
             self._note(f"transit key {key}", "created")
 
-    def _jwt_accessor(self) -> str:
-        mount = self._layout.jwt_mount
-        methods = self._client.get("sys/auth").get("data", {})
+    def _auth_mount(self, mount: str, kind: str) -> str:
+        """Enable an auth method if needed; its accessor."""
+        methods = self.client.get("sys/auth").get("data", {})
         current = methods.get(f"{mount}/")
         if current is None:
-            self._client.post(f"sys/auth/{mount}", {"type": "jwt"})
-            self._note(f"auth method {mount}/ (jwt)", "created")
-            current = self._client.get("sys/auth").get("data", {})[f"{mount}/"]
-        elif current.get("type") != "jwt":
-            raise ConfigError(f"auth mount {mount}/ exists but is not jwt; pick another")
+            self.client.post(f"sys/auth/{mount}", {"type": kind})
+            self._note(f"auth method {mount}/ ({kind})", "created")
+            current = self.client.get("sys/auth").get("data", {})[f"{mount}/"]
+        elif current.get("type") != kind:
+            raise ConfigError(f"auth mount {mount}/ exists but is not {kind}; pick another")
         else:
-            self._note(f"auth method {mount}/ (jwt)", "unchanged")
+            self._note(f"auth method {mount}/ ({kind})", "unchanged")
         return str(current["accessor"])
 
     def _upsert(
-        self, item: str, path: str, wanted: dict[str, Any], compare: dict[str, Any]
+        self,
+        item: str,
+        path: str,
+        wanted: Mapping[str, Any],
+        compare: Mapping[str, Any] | None = None,
     ) -> None:
+        """Write ``wanted`` unless what is there already has every ``compare`` value."""
         try:
-            current = self._client.get(path).get("data") or {}
+            current = self.client.get(path).get("data") or {}
         except NotFound:
             current = None
-        if current is not None and all(current.get(k) == v for k, v in compare.items()):
+        expected = wanted if compare is None else compare
+        if current is not None and all(_same(current.get(k), v) for k, v in expected.items()):
             self._note(item, "unchanged")
             return
-        self._client.post(path, wanted)
+        self.client.post(path, wanted)
         self._note(item, "created" if current is None else "updated")
 
-    def _jwt(self, settings: JwtSettings) -> None:
-        mount = self._layout.jwt_mount
-        keys = [k.strip() + "\n" for k in settings.public_keys]
-        config = {"jwt_validation_pubkeys": keys, "bound_issuer": settings.issuer}
-        compare = {
-            "jwt_validation_pubkeys": [k.strip() for k in keys],
-            "bound_issuer": settings.issuer,
+    def _token_fields(self) -> dict[str, Any]:
+        return {
+            "token_policies": [RUNNER_POLICY],
+            "token_ttl": self.limits.ttl,
+            "token_max_ttl": self.limits.max_ttl,
+            "token_type": "service",
         }
-        self._upsert_config(f"auth/{mount}/config", config, compare)
+
+    def jwt(self, settings: JwtSettings) -> str:
+        mount = self.layout.jwt_mount
+        accessor = self._auth_mount(mount, "jwt")
+        keys = [k.strip() for k in settings.public_keys]
+        self._upsert(
+            f"jwt config auth/{mount}/config",
+            f"auth/{mount}/config",
+            {"jwt_validation_pubkeys": keys, "bound_issuer": settings.issuer},
+        )
+        leeway = settings.leeway_seconds
         role = {
             "role_type": "jwt",
             "bound_audiences": [settings.audience],
             "user_claim": "sub",
             "bound_claims_type": "glob",
-            "bound_claims": {"sub": f"system:serviceaccount:*:{settings.service_account}"},
+            "bound_claims": {
+                "sub": f"system:serviceaccount:*:{settings.service_account}",
+                "/kubernetes.io/namespace": "*",  # required: it becomes the tenant
+            },
             "claim_mappings": {
                 "/kubernetes.io/namespace": "tenant",
                 "/kubernetes.io/pod/name": "pod",
             },
-            "token_policies": ["stigmer-runner"],
-            "token_ttl": _seconds(settings.token_ttl),
-            "token_max_ttl": _seconds(settings.token_max_ttl),
-            "token_type": "service",
+            "expiration_leeway": leeway,
+            "not_before_leeway": leeway,
+            "clock_skew_leeway": leeway,
+            **self._token_fields(),
         }
         self._upsert(
-            f"jwt role {self._layout.runner_role}",
-            f"auth/{mount}/role/{self._layout.runner_role}",
-            role,
+            f"jwt role {self.layout.runner_role}",
+            f"auth/{mount}/role/{self.layout.runner_role}",
             role,
         )
+        return accessor
 
-    def _upsert_config(self, path: str, wanted: dict[str, Any], compare: dict[str, Any]) -> None:
-        try:
-            current = self._client.get(path).get("data") or {}
-        except NotFound:
-            current = {}
-        normalized = {
-            "jwt_validation_pubkeys": [
-                k.strip() for k in current.get("jwt_validation_pubkeys") or []
-            ],
-            "bound_issuer": current.get("bound_issuer"),
+    def kubernetes(self, settings: KubernetesSettings) -> str:
+        mount = self.layout.kubernetes_mount
+        accessor = self._auth_mount(mount, "kubernetes")
+        config: dict[str, Any] = {"kubernetes_host": settings.host}
+        if settings.ca_cert:
+            config["kubernetes_ca_cert"] = settings.ca_cert
+        self._upsert(f"kubernetes config auth/{mount}/config", f"auth/{mount}/config", config)
+        role = {
+            "bound_service_account_names": [settings.service_account],
+            "bound_service_account_namespaces": ["*"],
+            "audience": settings.audience,
+            "alias_name_source": "serviceaccount_uid",
+            **self._token_fields(),
         }
-        item = f"jwt config {path}"
-        if normalized == compare:
-            self._note(item, "unchanged")
-            return
-        self._client.post(path, wanted)
-        self._note(item, "updated" if current else "created")
+        self._upsert(
+            f"kubernetes role {self.layout.runner_role}",
+            f"auth/{mount}/role/{self.layout.runner_role}",
+            role,
+        )
+        return accessor
 
-    def _policies(self, accessor: str) -> None:
-        for name, text in policies.render(self._layout, accessor).items():
-            self._upsert(
-                f"policy {name}", f"sys/policies/acl/{name}", {"policy": text}, {"policy": text}
+    def approle(self, settings: AppRoleSettings) -> str:
+        """One role per tenant; its entity carries ``metadata.tenant`` for the policy."""
+        mount = self.layout.approle_mount
+        accessor = self._auth_mount(mount, "approle")
+        for tenant in settings.tenants:
+            role_name = self.layout.approle_role(tenant)
+            role = {
+                "bind_secret_id": True,
+                "secret_id_ttl": settings.secret_id_ttl,
+                "secret_id_num_uses": settings.secret_id_num_uses,
+                **self._token_fields(),
+            }
+            self._upsert(f"approle role {role_name}", f"auth/{mount}/role/{role_name}", role)
+            role_id = str(
+                self.client.get(f"auth/{mount}/role/{role_name}/role-id")["data"]["role_id"]
             )
+            self._approle_entity(tenant, role_name, role_id, accessor)
+        return accessor
 
-    def run(self, tenants: Sequence[str], jwt: JwtSettings) -> list[Change]:
-        for tenant in tenants:
+    def _approle_entity(self, tenant: str, role_name: str, role_id: str, accessor: str) -> None:
+        name = role_name
+        try:
+            entity = self.client.get(f"identity/entity/name/{name}")["data"]
+        except NotFound:
+            entity = None
+        if entity is None or (entity.get("metadata") or {}).get("tenant") != tenant:
+            self.client.post(
+                f"identity/entity/name/{name}",
+                {"metadata": {"tenant": tenant}, "policies": []},
+            )
+            self._note(f"identity entity {name}", "created" if entity is None else "updated")
+            entity = self.client.get(f"identity/entity/name/{name}")["data"]
+        else:
+            self._note(f"identity entity {name}", "unchanged")
+        aliases = entity.get("aliases") or []
+        if any(a.get("mount_accessor") == accessor and a.get("name") == role_id for a in aliases):
+            self._note(f"entity alias {name} → approle role id", "unchanged")
+            return
+        self.client.post(
+            "identity/entity-alias",
+            {"name": role_id, "canonical_id": entity["id"], "mount_accessor": accessor},
+        )
+        self._note(f"entity alias {name} → approle role id", "created")
+
+    def policies(self, sources: IdentitySources) -> None:
+        for name, text in policies.render(self.layout, sources).items():
+            self._upsert(f"policy {name}", f"sys/policies/acl/{name}", {"policy": text})
+
+    def current_sources(self) -> IdentitySources:
+        """Accessors of the runner auth methods already enabled on this server."""
+        methods = self.client.get("sys/auth").get("data", {})
+
+        def accessor(mount: str, kind: str) -> str:
+            current = methods.get(f"{mount}/") or {}
+            return str(current.get("accessor", "")) if current.get("type") == kind else ""
+
+        return IdentitySources(
+            jwt=accessor(self.layout.jwt_mount, "jwt"),
+            kubernetes=accessor(self.layout.kubernetes_mount, "kubernetes"),
+            approle=accessor(self.layout.approle_mount, "approle"),
+        )
+
+    def run(
+        self,
+        tenants: Sequence[str],
+        jwt: JwtSettings,
+        kubernetes: KubernetesSettings | None = None,
+        approle: AppRoleSettings | None = None,
+    ) -> list[Change]:
+        for tenant in [*tenants, *(approle.tenants if approle else ())]:
             ids.tenant(tenant)
-        self._mount(self._layout.kv_mount, "kv", {"version": "2"})
-        self._mount(self._layout.transit_mount, "transit", {})
-        for tenant in tenants:
+        self._mount(self.layout.kv_mount, "kv", {"version": "2"})
+        self._mount(self.layout.transit_mount, "transit", {})
+        for tenant in dict.fromkeys([*tenants, *(approle.tenants if approle else ())]):
             self._transit_key(tenant)
-        accessor = self._jwt_accessor()
-        self._jwt(jwt)
-        self._policies(accessor)
+        self.jwt(jwt)
+        if kubernetes:
+            self.kubernetes(kubernetes)
+        if approle:
+            self.approle(approle)
+        self.policies(self.current_sources())
         return self.changes
+
+
+def _same(current: Any, wanted: Any) -> bool:
+    """Compare what Vault reads back with what was written (lists, strings, PEM whitespace)."""
+    if isinstance(wanted, list) and isinstance(current, list):
+        return [_norm(x) for x in current] == [_norm(x) for x in wanted]
+    return bool(_norm(current) == _norm(wanted))
+
+
+def _norm(value: Any) -> Any:
+    return value.strip() if isinstance(value, str) else value
+
+
+def read_public_keys(paths: Sequence[str]) -> tuple[str, ...]:
+    keys = []
+    for path in paths:
+        try:
+            keys.append(Path(path).read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"--jwt-public-key {path}: cannot read ({exc.strerror})") from None
+    return tuple(keys)

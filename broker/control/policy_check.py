@@ -1,0 +1,256 @@
+"""`policy check`: log in as each identity and prove, against a live Vault, what it may do.
+
+Every cell of the matrix is a real request made with that identity's token: 403 means denied,
+anything else (success, 404, 400 from the handler) means Vault's ACL let it through. Probe
+objects get a random name and are removed afterwards with the caller's (admin) token.
+"""
+
+from __future__ import annotations
+
+import base64
+import secrets
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from functools import partial
+
+from broker.config import Layout
+from broker.errors import BrokerError, ConfigError, PermissionDenied
+from broker.vault import KV, Transit, VaultClient, jwt_login
+from broker.vault.kv import FORMAT
+
+IDENTITIES = ("control-plane", "runner", "reaper", "admin")
+ALLOW, DENY = "allow", "deny"
+
+# operation → identity → (own tenant, other tenant); a single value when not tenant-scoped.
+EXPECTED: dict[str, dict[str, tuple[str, ...]]] = {
+    "read context": {
+        "control-plane": (ALLOW, ALLOW), "runner": (ALLOW, DENY),
+        "reaper": (DENY, DENY), "admin": (DENY, DENY),
+    },
+    "list contexts": {
+        "control-plane": (DENY, DENY), "runner": (DENY, DENY),
+        "reaper": (ALLOW, ALLOW), "admin": (DENY, DENY),
+    },
+    "write context": {
+        "control-plane": (ALLOW, ALLOW), "runner": (DENY, DENY),
+        "reaper": (DENY, DENY), "admin": (DENY, DENY),
+    },
+    "destroy context": {
+        "control-plane": (ALLOW, ALLOW), "runner": (ALLOW, DENY),
+        "reaper": (ALLOW, ALLOW), "admin": (DENY, DENY),
+    },
+    "read environment": {
+        "control-plane": (ALLOW, ALLOW), "runner": (DENY, DENY),
+        "reaper": (DENY, DENY), "admin": (ALLOW, ALLOW),
+    },
+    "write environment": {
+        "control-plane": (ALLOW, ALLOW), "runner": (DENY, DENY),
+        "reaper": (DENY, DENY), "admin": (DENY, DENY),
+    },
+    "list environments": {
+        "control-plane": (ALLOW, ALLOW), "runner": (DENY, DENY),
+        "reaper": (DENY, DENY), "admin": (ALLOW, ALLOW),
+    },
+    "claim": {
+        "control-plane": (DENY, DENY), "runner": (ALLOW, DENY),
+        "reaper": (DENY, DENY), "admin": (DENY, DENY),
+    },
+    "read claim": {
+        "control-plane": (DENY, DENY), "runner": (DENY, DENY),
+        "reaper": (DENY, DENY), "admin": (DENY, DENY),
+    },
+    "encrypt": {
+        "control-plane": (ALLOW, ALLOW), "runner": (DENY, DENY),
+        "reaper": (DENY, DENY), "admin": (DENY, DENY),
+    },
+    "decrypt": {
+        "control-plane": (DENY, DENY), "runner": (ALLOW, DENY),
+        "reaper": (DENY, DENY), "admin": (DENY, DENY),
+    },
+    "token create": {
+        "control-plane": (DENY,), "runner": (ALLOW,), "reaper": (DENY,), "admin": (ALLOW,),
+    },
+    "revoke by accessor": {
+        "control-plane": (DENY,), "runner": (DENY,), "reaper": (ALLOW,), "admin": (ALLOW,),
+    },
+}  # fmt: skip
+
+
+@dataclass
+class Cell:
+    operation: str
+    identity: str
+    scope: str  # "own", "other" or "-"
+    expected: str
+    got: str
+
+    @property
+    def ok(self) -> bool:
+        return self.expected == self.got
+
+
+@dataclass
+class CheckReport:
+    tenant: str
+    other_tenant: str
+    cells: list[Cell] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(cell.ok for cell in self.cells)
+
+    def table(self) -> str:
+        """The allowed/denied matrix; a cell that differs from the expectation is flagged."""
+        header = ["operation", *IDENTITIES]
+        rows = []
+        for operation in EXPECTED:
+            row = [operation]
+            for identity in IDENTITIES:
+                cells = [
+                    c for c in self.cells if c.operation == operation and c.identity == identity
+                ]
+                row.append(" / ".join(c.got + ("" if c.ok else " (!)") for c in cells))
+            rows.append(row)
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+        lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
+        lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+        scoped = f"{self.tenant} / {self.other_tenant}"
+        lines.append(f"(tenant-scoped cells: {scoped}; (!) = differs from the expected matrix)")
+        return "\n".join(lines)
+
+
+def _outcome(action: Callable[[], object]) -> str:
+    try:
+        action()
+    except PermissionDenied:
+        return DENY
+    except BrokerError:
+        return ALLOW  # the ACL let it through; the handler refused it for another reason
+    return ALLOW
+
+
+class PolicyCheck:
+    def __init__(self, admin: VaultClient, layout: Layout) -> None:
+        self._admin = admin
+        self._layout = layout
+        self._probe = "policy-check-" + secrets.token_hex(4)
+        self._tokens: list[str] = []
+        self._ciphertexts: dict[str, str] = {}
+
+    def _token_for(self, policy: str) -> VaultClient:
+        answer = self._admin.post(
+            "auth/token/create",
+            {"policies": [policy], "ttl": "5m", "display_name": f"policy-check-{policy}"},
+            operation="create-token",
+        )
+        token = str(answer["auth"]["client_token"])
+        self._tokens.append(token)
+        return self._admin.with_token(token)
+
+    def _tenanted(self, operation: str, identity: str, client: VaultClient, tenant: str) -> object:
+        """One tenant-scoped operation of the matrix, performed with ``client``'s token.
+
+        Each identity gets its own probe name, so one identity's write never turns another's
+        "create" into an "update".
+        """
+        layout, probe = self._layout, f"{self._probe}-{identity}"
+        kv, store = layout.kv_mount, KV(client, layout.kv_mount)
+        context, environment = f"execution-contexts/{tenant}", f"environments/{tenant}"
+        transit = f"{layout.transit_mount}/%s/{layout.transit_key(tenant)}"
+        document = {"format": FORMAT, "resource": "{}"}
+        match operation:
+            case "read context":
+                return client.get(f"{kv}/data/{context}/{probe}")
+            case "list contexts":
+                return client.request("LIST", f"{kv}/metadata/{context}")
+            case "write context":
+                return store.write(f"{context}/{probe}", document, cas=0)
+            case "destroy context":
+                return client.delete(f"{kv}/metadata/{context}/{probe}-absent")
+            case "read environment":
+                return client.get(f"{kv}/data/{environment}/{probe}")
+            case "write environment":
+                return store.write(f"{environment}/{probe}", document, cas=0)
+            case "list environments":
+                return client.request("LIST", f"{kv}/metadata/{environment}")
+            case "claim":
+                return store.write(f"execution-claims/{tenant}/{probe}", {"pod": "check"}, cas=0)
+            case "read claim":
+                return client.get(f"{kv}/data/execution-claims/{tenant}/{probe}")
+            case "encrypt":
+                plaintext = base64.b64encode(b"policy-check").decode()
+                return client.post(transit % "encrypt", {"plaintext": plaintext})
+            case "decrypt":
+                return client.post(transit % "decrypt", {"ciphertext": self._ciphertexts[tenant]})
+        raise ValueError(operation)
+
+    def _untenanted(self, client: VaultClient, operation: str) -> object:
+        if operation == "token create":
+            answer = client.post(
+                "auth/token/create",
+                {"policies": ["stigmer-runner"], "no_default_policy": True, "ttl": "60s"},
+                operation="create-token",
+            )
+            self._tokens.append(str(answer["auth"]["client_token"]))
+            return answer
+        return client.post(
+            "auth/token/revoke-accessor", {"accessor": "policy-check-no-such-accessor"}
+        )
+
+    @contextmanager
+    def _cleanup(self, tenants: tuple[str, str]) -> Iterator[None]:
+        try:
+            yield
+        finally:
+            kv = KV(self._admin, self._layout.kv_mount)
+            for tenant in tenants:
+                for folder in ("execution-contexts", "environments", "execution-claims"):
+                    for identity in IDENTITIES:
+                        with suppress(BrokerError):
+                            kv.destroy(f"{folder}/{tenant}/{self._probe}-{identity}")
+            for token in self._tokens:
+                with suppress(BrokerError):
+                    self._admin.with_token(token).post("auth/token/revoke-self")
+
+    def run(self, tenant: str, other: str, runner_jwt: str) -> CheckReport:
+        tenants = (tenant, other)
+        report = CheckReport(tenant, other)
+        with self._cleanup(tenants):
+            identities = {
+                "control-plane": self._token_for("stigmer-control-plane"),
+                "reaper": self._token_for("stigmer-reaper"),
+                "admin": self._token_for("stigmer-admin"),
+            }
+            login = jwt_login(
+                self._admin, self._layout.jwt_mount, self._layout.runner_role, runner_jwt
+            )
+            self._tokens.append(login.token)
+            identities["runner"] = self._admin.with_token(login.token)
+            transit = Transit(identities["control-plane"], self._layout.transit_mount)
+            for name in tenants:
+                try:
+                    self._ciphertexts[name] = transit.encrypt(
+                        self._layout.transit_key(name), ["probe"]
+                    )[0]
+                except BrokerError:
+                    raise ConfigError(
+                        f"tenant {name}: cannot encrypt with {self._layout.transit_key(name)} "
+                        f"as the control plane; run `stigmer-broker setup --tenant {name}`"
+                    ) from None
+            for operation, expected in EXPECTED.items():
+                for identity in IDENTITIES:
+                    client = identities[identity]
+                    wanted = expected[identity]
+                    if len(wanted) == 2:
+                        for scope, name, want in zip(
+                            ("own", "other"), tenants, wanted, strict=True
+                        ):
+                            got = _outcome(
+                                partial(self._tenanted, operation, identity, client, name)
+                            )
+                            report.cells.append(Cell(operation, identity, scope, want, got))
+                    else:
+                        got = _outcome(partial(self._untenanted, client, operation))
+                        report.cells.append(Cell(operation, identity, "-", wanted[0], got))
+        return report
