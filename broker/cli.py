@@ -292,6 +292,55 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- approle --------------------------------------------------------------------------------
+
+
+def cmd_approle_role_id(args: argparse.Namespace) -> int:
+    layout = Layout.from_env()
+    role = layout.approle_role(ids.tenant(args.tenant))
+    answer = _client().get(f"auth/{layout.approle_mount}/role/{role}/role-id")
+    print(answer["data"]["role_id"])
+    return 0
+
+
+def cmd_approle_secret_id(args: argparse.Namespace) -> int:
+    """A response-wrapped secret_id: only the wrapping token is printed, never the secret_id."""
+    layout = Layout.from_env()
+    role = layout.approle_role(ids.tenant(args.tenant))
+    wrap_ttl = f"{int(parse_duration(args.wrap_ttl).total_seconds())}s"
+    answer = _client().request(
+        "POST", f"auth/{layout.approle_mount}/role/{role}/secret-id", {}, wrap_ttl=wrap_ttl
+    )
+    print(answer["wrap_info"]["token"])
+    return 0
+
+
+# --- keys -----------------------------------------------------------------------------------
+
+
+def cmd_keys_rotate(args: argparse.Namespace) -> int:
+    from broker.control.keys import KeyManager
+
+    version = KeyManager(_client(), Layout.from_env()).rotate(ids.tenant(args.tenant))
+    print(f"rotated {Layout.from_env().transit_key(args.tenant)}: latest version {version}")
+    return 0
+
+
+def cmd_keys_rewrap(args: argparse.Namespace) -> int:
+    from broker.control.keys import KeyManager
+
+    manager = KeyManager(_client(), Layout.from_env())
+    report = manager.rewrap(ids.tenant(args.tenant), args.min_decryption_version)
+    print(
+        f"rewrapped {report.rewrapped} secrets in {report.documents} documents of tenant "
+        f"{report.tenant} to key version {report.latest_version} "
+        f"({report.retries} concurrent edits retried)"
+    )
+    if report.min_decryption_version is not None:
+        print(f"min_decryption_version raised to {report.min_decryption_version}")
+    return 0
+
+
 # --- env --------------------------------------------------------------------------------------
 
 
@@ -419,6 +468,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         auth=args.auth,
         jwt_file=Path(args.jwt_file),
         role=args.role,
+        role_id_file=Path(args.role_id_file) if args.role_id_file else None,
+        secret_id_file=Path(args.secret_id_file) if args.secret_id_file else None,
         allow_disk=args.allow_disk,
         allow_secret_in_args=args.allow_secret_in_args,
     )
@@ -519,6 +570,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state-dir", default=str(devserver.DEFAULT_STATE_DIR))
     p.add_argument("--identity-key", help="dev identity key to mint the runner JWT")
 
+    approle = commands.add_parser("approle", help="AppRole credentials for runners").add_subparsers(
+        dest="approle_command", required=True, metavar="COMMAND"
+    )
+    p = sub(approle, "role-id", cmd_approle_role_id, "print a tenant's runner role_id")
+    _tenant(p)
+    p = sub(
+        approle, "secret-id", cmd_approle_secret_id, "print a wrapping token for a new secret_id"
+    )
+    _tenant(p)
+    p.add_argument("--wrap-ttl", default="5m")
+
+    keys = commands.add_parser("keys", help="Transit keys").add_subparsers(
+        dest="keys_command", required=True, metavar="COMMAND"
+    )
+    p = sub(keys, "rotate", cmd_keys_rotate, "add a new version to a tenant's Transit key")
+    _tenant(p)
+    p = sub(keys, "rewrap", cmd_keys_rewrap, "re-encrypt stored secrets to the newest key version")
+    _tenant(p)
+    p.add_argument(
+        "--min-decryption-version",
+        action="store_true",
+        help="also rewrap live contexts, then refuse older key versions",
+    )
+
     env = commands.add_parser("env", help="Environments").add_subparsers(
         dest="env_command", required=True, metavar="COMMAND"
     )
@@ -573,9 +648,13 @@ def build_parser() -> argparse.ArgumentParser:
     _tenant(p)
     p.add_argument("--execution", required=True, metavar="ID")
     p.add_argument("--out", metavar="DIR", help="memory-backed directory for the files")
-    p.add_argument("--auth", choices=["jwt", "token"], default="jwt")
+    p.add_argument("--auth", choices=["jwt", "token", "approle"], default="jwt")
     p.add_argument("--jwt-file", default="/var/run/secrets/kubernetes.io/serviceaccount/token")
-    p.add_argument("--role", default="stigmer-runner")
+    p.add_argument("--role", default="", help="jwt: stigmer-runner; approle: stigmer-runner-<T>")
+    p.add_argument("--role-id-file", metavar="F", help="approle: file holding the role_id")
+    p.add_argument(
+        "--secret-id-file", metavar="F", help="approle: file holding the wrapped secret_id token"
+    )
     p.add_argument("--allow-disk", action="store_true")
     p.add_argument("--allow-secret-in-args", action="store_true")
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")

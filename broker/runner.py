@@ -24,10 +24,20 @@ from broker.model import ExecutionContext
 from broker.render import RenderedFiles, prepare_directory, render, wipe
 from broker.resolve import Variable, resolve_servers
 from broker.store import read_context
-from broker.vault import KV, Login, Transit, VaultClient, create_child_token, jwt_login, revoke_self
+from broker.vault import (
+    KV,
+    Login,
+    Transit,
+    VaultClient,
+    approle_login,
+    create_child_token,
+    jwt_login,
+    revoke_self,
+    unwrap_secret_id,
+)
 from broker.vault.auth import read_jwt
 
-AuthMethod = Literal["jwt", "token"]
+AuthMethod = Literal["jwt", "token", "approle"]
 _STRIPPED_FROM_CHILD = ("VAULT_", "BAO_", "STIGMER_DEV_IDENTITY_KEY")
 
 
@@ -38,7 +48,9 @@ class RunOptions:
     out_dir: Path
     auth: AuthMethod = "jwt"
     jwt_file: Path = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
-    role: str = "stigmer-runner"
+    role: str = ""  # default: stigmer-runner (jwt), stigmer-runner-<tenant> (approle)
+    role_id_file: Path | None = None
+    secret_id_file: Path | None = None
     allow_disk: bool = False
     allow_secret_in_args: bool = False
 
@@ -89,9 +101,13 @@ class ExecutionSession:
         """Obtain this execution's token: a JWT login, or a child of the given token."""
         options = self.options
         if options.auth == "jwt":
+            role = options.role or self._layout.runner_role
             self.login = jwt_login(
-                self._client, self._layout.jwt_mount, options.role, read_jwt(options.jwt_file)
+                self._client, self._layout.jwt_mount, role, read_jwt(options.jwt_file)
             )
+            self.vault = self._client.with_token(self.login.token)
+        elif options.auth == "approle":
+            self.login = self._approle_login()
             self.vault = self._client.with_token(self.login.token)
         else:
             if not self._client.token:
@@ -114,6 +130,17 @@ class ExecutionSession:
             ttl=self.login.ttl,
             execution_id=options.execution_id,
         )
+
+    def _approle_login(self) -> Login:
+        options = self.options
+        if options.role_id_file is None or options.secret_id_file is None:
+            raise ConfigError("--auth approle needs --role-id-file and --secret-id-file")
+        role = options.role or self._layout.approle_role(options.tenant)
+        mount = self._layout.approle_mount
+        role_id = _read_secret_file("--role-id-file", options.role_id_file)
+        wrapping_token = _read_secret_file("--secret-id-file", options.secret_id_file)
+        secret_id = unwrap_secret_id(self._client, wrapping_token, mount, role)
+        return approle_login(self._client, mount, role_id, secret_id)
 
     def prepare(self) -> RenderedFiles:
         """Read, decrypt, resolve and render; nothing is written before all of it succeeded."""
@@ -200,6 +227,16 @@ class ExecutionSession:
             errors=report.errors,
         )
         return report
+
+
+def _read_secret_file(flag: str, path: Path) -> str:
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"{flag} {path}: cannot read ({exc.strerror})") from None
+    if not text:
+        raise ConfigError(f"{flag} {path}: the file is empty")
+    return text
 
 
 class _Signals:

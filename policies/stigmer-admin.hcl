@@ -75,3 +75,12 @@ path "${kv_mount}/data/environments/*" {
 path "${kv_mount}/metadata/environments/*" {
   capabilities = ["read", "list"]
 }
+
+# Rewrap live ExecutionContexts before raising a key's min_decryption_version
+# (ciphertext only: there is no decrypt capability here).
+path "${kv_mount}/data/execution-contexts/*" {
+  capabilities = ["read", "update"]
+}
+path "${kv_mount}/metadata/execution-contexts/*" {
+  capabilities = ["read", "list"]
+}

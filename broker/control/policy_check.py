@@ -26,11 +26,11 @@ ALLOW, DENY = "allow", "deny"
 EXPECTED: dict[str, dict[str, tuple[str, ...]]] = {
     "read context": {
         "control-plane": (ALLOW, ALLOW), "runner": (ALLOW, DENY),
-        "reaper": (DENY, DENY), "admin": (DENY, DENY),
+        "reaper": (DENY, DENY), "admin": (ALLOW, ALLOW),
     },
     "list contexts": {
         "control-plane": (DENY, DENY), "runner": (DENY, DENY),
-        "reaper": (ALLOW, ALLOW), "admin": (DENY, DENY),
+        "reaper": (ALLOW, ALLOW), "admin": (ALLOW, ALLOW),
     },
     "write context": {
         "control-plane": (ALLOW, ALLOW), "runner": (DENY, DENY),

@@ -57,6 +57,45 @@ def jwt_login(client: VaultClient, mount: str, role: str, jwt: str) -> Login:
     return _login_from(answer)
 
 
+def approle_login(client: VaultClient, mount: str, role_id: str, secret_id: str) -> Login:
+    """Log in with AppRole. Exactly one attempt: a secret_id may be single-use."""
+    try:
+        answer = client.post(
+            f"auth/{mount}/login", {"role_id": role_id, "secret_id": secret_id}, operation="login"
+        )
+    except VaultError as exc:
+        raise IdentityError(f"approle login at auth/{mount} failed: {exc.reason}") from None
+    return _login_from(answer)
+
+
+def unwrap_secret_id(client: VaultClient, wrapping_token: str, mount: str, role: str) -> str:
+    """Unwrap a response-wrapped secret_id, after checking where the wrapping token came from.
+
+    A wrapping token whose creation path is not ``auth/<mount>/role/<role>/secret-id`` may have
+    been swapped by someone in the middle: it is refused and left unused.
+    """
+    expected = f"auth/{mount}/role/{role}/secret-id"
+    anonymous = client.with_token("")
+    try:
+        info = anonymous.post("sys/wrapping/lookup", {"token": wrapping_token}, operation="lookup")
+    except VaultError as exc:
+        raise IdentityError(f"the secret_id wrapping token is not valid: {exc.reason}") from None
+    creation_path = str((info.get("data") or {}).get("creation_path", ""))
+    if creation_path != expected:
+        raise IdentityError(
+            f"the secret_id wrapping token was created at {creation_path or 'an unknown path'!r}, "
+            f"not {expected!r}: refusing to unwrap it"
+        )
+    try:
+        answer = client.with_token(wrapping_token).post("sys/wrapping/unwrap", operation="unwrap")
+    except VaultError as exc:
+        raise IdentityError(f"unwrapping the secret_id failed: {exc.reason}") from None
+    secret_id = (answer.get("data") or {}).get("secret_id")
+    if not secret_id:
+        raise IdentityError("the unwrapped response holds no secret_id")
+    return str(secret_id)
+
+
 def create_child_token(
     client: VaultClient,
     ttl_seconds: int,

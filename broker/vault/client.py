@@ -100,14 +100,17 @@ class VaultClient:
         path: str,
         body: Mapping[str, Any] | None = None,
         operation: str | None = None,
+        wrap_ttl: str | None = None,
     ) -> dict[str, Any]:
         """Send one request to ``/v1/<path>``; an empty answer comes back as ``{}``."""
         op = operation or method.lower()
         url = f"/v1/{escape_path(path)}"
+        payload = dict(body) if body is not None else None
         with translate(op, path):
-            response = self._hvac.adapter.request(
-                method, url, json=dict(body) if body is not None else None
-            )
+            if wrap_ttl:
+                response = self._hvac.adapter.request(method, url, json=payload, wrap_ttl=wrap_ttl)
+            else:
+                response = self._hvac.adapter.request(method, url, json=payload)
         if isinstance(response, dict):
             return response
         return {}

@@ -64,6 +64,10 @@ class Transit:
         batch = [{"plaintext": base64.b64encode(p.encode()).decode()} for p in plaintexts]
         return self._batch("encrypt", key, batch, "ciphertext")
 
+    def rewrap(self, key: str, ciphertexts: Sequence[str]) -> list[str]:
+        """Re-encrypt ciphertexts to the key's newest version inside Vault (no plaintext out)."""
+        return self._batch("rewrap", key, [{"ciphertext": c} for c in ciphertexts], "ciphertext")
+
     def decrypt(self, key: str, ciphertexts: Sequence[str]) -> list[str]:
         """Decrypt many values; any failure of the values themselves is one opaque DecryptError."""
         try:
