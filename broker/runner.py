@@ -36,6 +36,7 @@ from broker.vault import (
     unwrap_secret_id,
 )
 from broker.vault.auth import read_jwt
+from broker.vault.renew import TokenRenewer
 
 AuthMethod = Literal["jwt", "token", "approle"]
 _STRIPPED_FROM_CHILD = ("VAULT_", "BAO_", "STIGMER_DEV_IDENTITY_KEY")
@@ -276,8 +277,11 @@ def run(session: ExecutionSession, command: Sequence[str]) -> int:
     signals.install()
     status = 1
     started = interrupted = False
+    renewer: TokenRenewer | None = None
     try:
         session.authenticate()
+        if session.login is not None and session.vault is not None and session.login.renewable:
+            renewer = TokenRenewer(session.vault, session.login.ttl, session.login.accessor).start()
         session.prepare()
         environ = session.child_environment(os.environ)
         try:
@@ -298,6 +302,8 @@ def run(session: ExecutionSession, command: Sequence[str]) -> int:
         logs.event("interrupted before the command started", signal=signal.Signals(signum).name)
         return 128 + signum
     finally:
+        if renewer is not None:
+            renewer.stop()
         signals.child = None
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, signal.SIG_IGN)  # cleanup must finish

@@ -18,7 +18,7 @@ import pytest
 
 from broker import devserver, identity
 from broker.config import Layout, VaultSettings
-from broker.control.setup import Bootstrap, JwtSettings
+from broker.control.setup import AppRoleSettings, Bootstrap, JwtSettings
 from broker.vault import Transit, VaultClient
 
 _counter = itertools.count()
@@ -58,7 +58,9 @@ def vault(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Vault]:
         admin = VaultClient(VaultSettings(addr=server.addr, token=server.token))
         layout = Layout()
         jwt = JwtSettings(public_keys=(identity.public_pem(server.identity_key),))
-        Bootstrap(admin, layout).run(["acme", "beta"], jwt)
+        Bootstrap(admin, layout).run(
+            ["acme", "beta"], jwt, approle=AppRoleSettings(("acme", "beta"))
+        )
         yield Vault(server=server, admin=admin, layout=layout)
     finally:
         devserver.stop(state)

@@ -300,3 +300,21 @@ def test_tampered_ciphertext_is_one_opaque_error(vault: Vault, tenant: str) -> N
     with pytest.raises(DecryptError) as caught:
         transit.decrypt(vault.layout.transit_key(tenant), [good[0], good[1][:-4] + "AAAA"])
     assert str(caught.value) == "decryption failed for the execution's secrets"
+
+
+def test_long_command_outlives_the_login_ttl(
+    vault: Vault, tenant: str, shm: Path, tmp_path: Path
+) -> None:
+    """The runner renews its token, so cleanup still works after the first TTL ran out."""
+    role = vault.admin.get("auth/jwt/role/stigmer-runner")["data"]
+    role.update(token_ttl=2, token_max_ttl=60)
+    vault.admin.post("auth/jwt/role/short-ttl", role)
+    issue(vault, tenant, "long-1")
+    run_session = session(
+        vault, tenant, "long-1", shm, vault.jwt_for(tenant, tmp_path), role="short-ttl"
+    )
+    assert run(run_session, [sys.executable, "-c", "import time; time.sleep(4)"]) == 0
+    assert context_paths(vault, tenant) == []
+    assert run_session.login is not None and run_session.login.ttl == 2
+    with pytest.raises(PermissionDenied):
+        lookup_self(vault.admin.with_token(run_session.login.token))

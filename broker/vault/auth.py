@@ -20,6 +20,7 @@ class Login:
     accessor: str
     ttl: int
     policies: tuple[str, ...]
+    renewable: bool = False
 
 
 def _login_from(answer: Mapping[str, object]) -> Login:
@@ -32,6 +33,7 @@ def _login_from(answer: Mapping[str, object]) -> Login:
         accessor=str(auth.get("accessor", "")),
         ttl=int(str(auth.get("lease_duration", 0))),
         policies=tuple(str(p) for p in policies) if isinstance(policies, list) else (),
+        renewable=bool(auth.get("renewable", False)),
     )
 
 
@@ -102,6 +104,7 @@ def create_child_token(
     display_name: str,
     metadata: Mapping[str, str],
     policies: list[str] | None = None,
+    no_default_policy: bool = False,
 ) -> Login:
     """A child of the client's token, bounded by ``ttl_seconds`` (also its explicit max)."""
     body: dict[str, object] = {
@@ -113,6 +116,8 @@ def create_child_token(
     }
     if policies is not None:
         body["policies"] = policies
+    if no_default_policy:
+        body["no_default_policy"] = True
     try:
         answer = client.post("auth/token/create", body, operation="create-token")
     except VaultError as exc:
