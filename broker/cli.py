@@ -648,7 +648,7 @@ def build_parser() -> argparse.ArgumentParser:
     _tenant(p)
     p.add_argument("--execution", required=True, metavar="ID")
     p.add_argument("--out", metavar="DIR", help="memory-backed directory for the files")
-    p.add_argument("--auth", choices=["jwt", "token", "approle"], default="jwt")
+    p.add_argument("--auth", choices=["jwt", "kubernetes", "token", "approle"], default="jwt")
     p.add_argument("--jwt-file", default="/var/run/secrets/kubernetes.io/serviceaccount/token")
     p.add_argument("--role", default="", help="jwt: stigmer-runner; approle: stigmer-runner-<T>")
     p.add_argument("--role-id-file", metavar="F", help="approle: file holding the role_id")

@@ -38,7 +38,7 @@ from broker.vault import (
 from broker.vault.auth import read_jwt
 from broker.vault.renew import TokenRenewer
 
-AuthMethod = Literal["jwt", "token", "approle"]
+AuthMethod = Literal["jwt", "kubernetes", "token", "approle"]
 _STRIPPED_FROM_CHILD = ("VAULT_", "BAO_", "STIGMER_DEV_IDENTITY_KEY")
 
 
@@ -106,6 +106,12 @@ class ExecutionSession:
             self.login = jwt_login(
                 self._client, self._layout.jwt_mount, role, read_jwt(options.jwt_file)
             )
+            self.vault = self._client.with_token(self.login.token)
+        elif options.auth == "kubernetes":
+            role = options.role or self._layout.runner_role
+            jwt = read_jwt(options.jwt_file)
+            mount = self._layout.kubernetes_mount
+            self.login = jwt_login(self._client, mount, role, jwt, method="kubernetes")
             self.vault = self._client.with_token(self.login.token)
         elif options.auth == "approle":
             self.login = self._approle_login()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from broker.runner import ExecutionSession, RunOptions, run
 from broker.vault import KV, Transit, VaultClient, create_child_token, jwt_login, lookup_self
 from tests.conftest import Vault, cli
 from tests.test_control import agent
+from tests.tokenreview import TokenReviewer, self_signed_ca, serve
 
 
 def claims(tenant: str = "acme", **override: Any) -> dict[str, Any]:
@@ -235,3 +237,54 @@ def test_bad_execution_ids_never_reach_vault(vault: Vault, bad: str) -> None:
     with pytest.raises(ValidationError, match="execution id"):
         ExecutionSession(VaultClient(vault.server_settings()), vault.layout,
                          RunOptions(tenant="acme", execution_id=bad, out_dir=Path("/dev/shm")))  # fmt: skip
+
+
+# --- Kubernetes auth: TokenReview instead of local validation --------------------------------
+
+
+@pytest.fixture(scope="module")
+def reviewer(vault: Vault) -> Iterator[TokenReviewer]:
+    from broker.control.setup import Bootstrap, KubernetesSettings
+
+    with serve(TokenReviewer(identity.public_pem(vault.identity_key))) as running:
+        bootstrap = Bootstrap(vault.admin, vault.layout)
+        bootstrap.kubernetes(KubernetesSettings(host=running.url, ca_cert=self_signed_ca()))
+        bootstrap.policies(bootstrap.current_sources())
+        yield running
+
+
+def test_kubernetes_auth_logs_in_through_tokenreview(
+    vault: Vault, reviewer: TokenReviewer, tenant: str, shm: Path, tmp_path: Path
+) -> None:
+    ExecutionIssuer(vault.admin, vault.layout).create(
+        tenant, agent({"A": {"value": "1"}}), execution_id="k8s-1"
+    )
+    ExecutionIssuer(vault.admin, vault.layout).create(
+        "beta", agent({"A": {"value": "1"}}), execution_id=f"k8s-b-{tenant}"
+    )
+    before = reviewer.reviews
+    options = RunOptions(tenant=tenant, execution_id="k8s-1", out_dir=shm, auth="kubernetes",
+                         jwt_file=vault.jwt_for(tenant, tmp_path))  # fmt: skip
+    session = ExecutionSession(VaultClient(vault.server_settings()), vault.layout, options)
+    session.authenticate()
+    assert reviewer.reviews == before + 1  # Vault asked the API server
+    assert session.vault is not None
+    with pytest.raises(PermissionDenied):  # the namespace template isolates tenants here too
+        KV(session.vault, "stigmer").read_resource(f"execution-contexts/beta/k8s-b-{tenant}")
+    assert (
+        run(ExecutionSession(VaultClient(vault.server_settings()), vault.layout, options), ["true"])
+        == 0
+    )
+    assert lookup_self(vault.admin)  # sanity: admin still fine
+
+
+def test_revoked_token_tradeoff(
+    vault: Vault, reviewer: TokenReviewer, tenant: str, tmp_path: Path
+) -> None:
+    """A deleted pod's token: Kubernetes auth refuses it at once, JWT auth until it expires."""
+    token = vault.jwt_for(tenant, tmp_path).read_text()
+    reviewer.revoked.add(token)
+    client = VaultClient(vault.server_settings())
+    with pytest.raises(IdentityError, match="kubernetes login at auth/kubernetes"):
+        jwt_login(client, "kubernetes", "stigmer-runner", token, method="kubernetes")
+    assert jwt_login(client, "jwt", "stigmer-runner", token).policies  # JWT auth cannot know

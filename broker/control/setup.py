@@ -171,8 +171,9 @@ class Bootstrap:
         mount = self.layout.kubernetes_mount
         accessor = self._auth_mount(mount, "kubernetes")
         config: dict[str, Any] = {"kubernetes_host": settings.host}
-        if settings.ca_cert:
+        if settings.ca_cert:  # Vault outside the cluster: no local service-account CA or JWT
             config["kubernetes_ca_cert"] = settings.ca_cert
+            config["disable_local_ca_jwt"] = True
         self._upsert(f"kubernetes config auth/{mount}/config", f"auth/{mount}/config", config)
         role = {
             "bound_service_account_names": [settings.service_account],

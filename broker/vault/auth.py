@@ -48,13 +48,14 @@ def read_jwt(path: Path) -> str:
     return jwt
 
 
-def jwt_login(client: VaultClient, mount: str, role: str, jwt: str) -> Login:
-    """Log in with JWT auth. Exactly one attempt: every successful login mints a token."""
+def jwt_login(client: VaultClient, mount: str, role: str, jwt: str, method: str = "jwt") -> Login:
+    """Log in with a service-account JWT (JWT or Kubernetes auth). Exactly one attempt: every
+    successful login mints a token."""
     try:
         answer = client.post(f"auth/{mount}/login", {"role": role, "jwt": jwt}, operation="login")
     except VaultError as exc:
         raise IdentityError(
-            f"jwt login at auth/{mount} with role {role!r} failed: {exc.reason}"
+            f"{method} login at auth/{mount} with role {role!r} failed: {exc.reason}"
         ) from None
     return _login_from(answer)
 
