@@ -35,7 +35,7 @@ from broker.vault import (
     revoke_self,
     unwrap_secret_id,
 )
-from broker.vault.auth import read_jwt
+from broker.vault.auth import read_credential_file, read_jwt
 from broker.vault.renew import TokenRenewer
 
 AuthMethod = Literal["jwt", "kubernetes", "token", "approle"]
@@ -99,37 +99,19 @@ class ExecutionSession:
         return context
 
     def authenticate(self) -> None:
-        """Obtain this execution's token: a JWT login, or a child of the given token."""
+        """Obtain this execution's token: a login (JWT, Kubernetes, AppRole) or a child token."""
         options = self.options
-        if options.auth == "jwt":
-            role = options.role or self._layout.runner_role
-            self.login = jwt_login(
-                self._client, self._layout.jwt_mount, role, read_jwt(options.jwt_file)
-            )
-            self.vault = self._client.with_token(self.login.token)
-        elif options.auth == "kubernetes":
-            role = options.role or self._layout.runner_role
+        if options.auth in ("jwt", "kubernetes"):
+            layout = self._layout
+            mount = layout.jwt_mount if options.auth == "jwt" else layout.kubernetes_mount
+            role = options.role or layout.runner_role
             jwt = read_jwt(options.jwt_file)
-            mount = self._layout.kubernetes_mount
-            self.login = jwt_login(self._client, mount, role, jwt, method="kubernetes")
-            self.vault = self._client.with_token(self.login.token)
+            self.login = jwt_login(self._client, mount, role, jwt, method=options.auth)
         elif options.auth == "approle":
             self.login = self._approle_login()
-            self.vault = self._client.with_token(self.login.token)
         else:
-            if not self._client.token:
-                raise ConfigError("--auth token needs VAULT_TOKEN (or BAO_TOKEN)")
-            context = self._read_context(self._client)
-            remaining = 3600
-            if context.spec.expires_at:
-                remaining = int((context.spec.expires_at - datetime.now(UTC)).total_seconds())
-            self.login = create_child_token(
-                self._client,
-                max(remaining, 1),
-                f"stigmer-run-{options.execution_id}",
-                {"execution_id": options.execution_id, "tenant": options.tenant},
-            )
-            self.vault = self._client.with_token(self.login.token)
+            self.login = self._child_of_given_token()
+        self.vault = self._client.with_token(self.login.token)
         logs.event(
             "logged in",
             auth=options.auth,
@@ -138,14 +120,29 @@ class ExecutionSession:
             execution_id=options.execution_id,
         )
 
+    def _child_of_given_token(self) -> Login:
+        options = self.options
+        if not self._client.token:
+            raise ConfigError("--auth token needs VAULT_TOKEN (or BAO_TOKEN)")
+        context = self._read_context(self._client)
+        remaining = 3600
+        if context.spec.expires_at:
+            remaining = int((context.spec.expires_at - datetime.now(UTC)).total_seconds())
+        return create_child_token(
+            self._client,
+            max(remaining, 1),
+            f"stigmer-run-{options.execution_id}",
+            {"execution_id": options.execution_id, "tenant": options.tenant},
+        )
+
     def _approle_login(self) -> Login:
         options = self.options
         if options.role_id_file is None or options.secret_id_file is None:
             raise ConfigError("--auth approle needs --role-id-file and --secret-id-file")
         role = options.role or self._layout.approle_role(options.tenant)
         mount = self._layout.approle_mount
-        role_id = _read_secret_file("--role-id-file", options.role_id_file)
-        wrapping_token = _read_secret_file("--secret-id-file", options.secret_id_file)
+        role_id = read_credential_file("--role-id-file", options.role_id_file)
+        wrapping_token = read_credential_file("--secret-id-file", options.secret_id_file)
         secret_id = unwrap_secret_id(self._client, wrapping_token, mount, role)
         return approle_login(self._client, mount, role_id, secret_id)
 
@@ -234,16 +231,6 @@ class ExecutionSession:
             errors=report.errors,
         )
         return report
-
-
-def _read_secret_file(flag: str, path: Path) -> str:
-    try:
-        text = path.read_text(encoding="utf-8").strip()
-    except OSError as exc:
-        raise ConfigError(f"{flag} {path}: cannot read ({exc.strerror})") from None
-    if not text:
-        raise ConfigError(f"{flag} {path}: the file is empty")
-    return text
 
 
 class _Signals:

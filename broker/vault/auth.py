@@ -37,15 +37,20 @@ def _login_from(answer: Mapping[str, object]) -> Login:
     )
 
 
+def read_credential_file(flag: str, path: Path) -> str:
+    """Read a credential from a file (never from argv), stripped; empty is an error."""
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"{flag} {path}: cannot read ({exc.strerror})") from None
+    if not text:
+        raise ConfigError(f"{flag} {path}: the file is empty")
+    return text
+
+
 def read_jwt(path: Path) -> str:
     """Read a service-account JWT (re-read on every login: the kubelet rotates it)."""
-    try:
-        jwt = path.read_text(encoding="utf-8").strip()
-    except OSError as exc:
-        raise ConfigError(f"--jwt-file {path}: cannot read ({exc.strerror})") from None
-    if not jwt:
-        raise ConfigError(f"--jwt-file {path}: the file is empty")
-    return jwt
+    return read_credential_file("--jwt-file", path)
 
 
 def jwt_login(client: VaultClient, mount: str, role: str, jwt: str, method: str = "jwt") -> Login:
