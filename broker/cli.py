@@ -479,6 +479,44 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run(session, command)
 
 
+# --- sidecar --------------------------------------------------------------------------------
+
+
+def cmd_sidecar(args: argparse.Namespace) -> int:
+    from broker.runner import RunOptions
+    from broker.sidecar.app import SidecarOptions, run_sidecar
+
+    if args.auth == "token":
+        raise ConfigError("the sidecar logs in with --auth jwt, kubernetes or approle")
+    settings = VaultSettings.from_env(need_token=False)
+    if settings.token:
+        logs.event("ignoring VAULT_TOKEN: the sidecar logs in with its own identity", level=30)
+    run_options = RunOptions(
+        tenant=ids.tenant(args.tenant),
+        execution_id="sidecar",
+        out_dir=Path(args.out),
+        auth=args.auth,
+        jwt_file=Path(args.jwt_file),
+        role=args.role,
+        role_id_file=Path(args.role_id_file) if args.role_id_file else None,
+        secret_id_file=Path(args.secret_id_file) if args.secret_id_file else None,
+        allow_disk=args.allow_disk,
+        allow_secret_in_args=args.allow_secret_in_args,
+    )
+    options = SidecarOptions(
+        run=run_options,
+        socket=Path(args.socket),
+        metrics_addr=args.metrics_addr,
+        allow_uids=tuple(args.allow_uid or ()),
+        pod=args.pod or "",
+        startup_timeout=parse_duration(args.startup_timeout).total_seconds(),
+        lease_check_interval=float(args.lease_check_interval),
+        shutdown_timeout=parse_duration(args.shutdown_timeout).total_seconds(),
+        login_max_ttl=parse_duration(args.login_max_ttl).total_seconds(),
+    )
+    return run_sidecar(settings, Layout.from_env(), options)
+
+
 # --- argument parser --------------------------------------------------------------------------
 
 
@@ -495,6 +533,18 @@ def _value_flags(parser: argparse.ArgumentParser) -> None:
         help="a secret; without =V it is read from a no-echo prompt (or stdin)",
     )
     parser.add_argument("--env-file", metavar="F", help="dotenv file of plain variables")
+
+
+def _auth_flags(parser: argparse.ArgumentParser, methods: list[str]) -> None:
+    parser.add_argument("--auth", choices=methods, default="jwt")
+    parser.add_argument("--jwt-file", default="/var/run/secrets/kubernetes.io/serviceaccount/token")
+    parser.add_argument(
+        "--role", default="", help="jwt/kubernetes: stigmer-runner; approle: stigmer-runner-<T>"
+    )
+    parser.add_argument("--role-id-file", metavar="F", help="approle: file holding the role_id")
+    parser.add_argument(
+        "--secret-id-file", metavar="F", help="approle: file holding the wrapped secret_id token"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -644,17 +694,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id")
     _tenant(p)
 
+    p = sub(commands, "sidecar", cmd_sidecar, "serve executions to a runner over a Unix socket")
+    _tenant(p)
+    p.add_argument("--socket", required=True, metavar="PATH")
+    p.add_argument("--out", required=True, metavar="DIR", help="memory-backed directory")
+    _auth_flags(p, ["jwt", "kubernetes", "approle"])
+    p.add_argument("--metrics-addr", default="127.0.0.1:9464", help="host:port, '' to disable")
+    p.add_argument(
+        "--allow-uid",
+        type=int,
+        action="append",
+        metavar="UID",
+        help="peer uid allowed on the socket (default: own uid + socket group members)",
+    )
+    p.add_argument("--pod", help="pod name recorded in claims (default: $POD_NAME or hostname)")
+    p.add_argument("--startup-timeout", default="30s")
+    p.add_argument("--shutdown-timeout", default="10s")
+    p.add_argument("--login-max-ttl", default="2h", help="the runner role's token_max_ttl")
+    p.add_argument(
+        "--lease-check-interval",
+        default="15",
+        metavar="SECONDS",
+        help="how often leases are checked for outside revocation",
+    )
+    p.add_argument("--allow-disk", action="store_true")
+    p.add_argument("--allow-secret-in-args", action="store_true")
+
     p = sub(commands, "run", cmd_run, "run CMD with an execution's environment, then clean up")
     _tenant(p)
     p.add_argument("--execution", required=True, metavar="ID")
     p.add_argument("--out", metavar="DIR", help="memory-backed directory for the files")
-    p.add_argument("--auth", choices=["jwt", "kubernetes", "token", "approle"], default="jwt")
-    p.add_argument("--jwt-file", default="/var/run/secrets/kubernetes.io/serviceaccount/token")
-    p.add_argument("--role", default="", help="jwt: stigmer-runner; approle: stigmer-runner-<T>")
-    p.add_argument("--role-id-file", metavar="F", help="approle: file holding the role_id")
-    p.add_argument(
-        "--secret-id-file", metavar="F", help="approle: file holding the wrapped secret_id token"
-    )
+    _auth_flags(p, ["jwt", "kubernetes", "approle", "token"])
     p.add_argument("--allow-disk", action="store_true")
     p.add_argument("--allow-secret-in-args", action="store_true")
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")

@@ -63,7 +63,17 @@ class Cleanup:
     files_removed: list[str] = field(default_factory=list)
     context: str = "kept"
     token: str = "kept"
+    claim: str = "none"
     errors: list[str] = field(default_factory=list)
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "files_removed": self.files_removed,
+            "context": self.context,
+            "lease": self.token,
+            "claim": self.claim,
+            "errors": self.errors,
+        }
 
 
 class ExecutionSession:
@@ -146,11 +156,20 @@ class ExecutionSession:
         secret_id = unwrap_secret_id(self._client, wrapping_token, mount, role)
         return approle_login(self._client, mount, role_id, secret_id)
 
-    def prepare(self) -> RenderedFiles:
+    def use_token(self, login: Login) -> None:
+        """Use a token obtained elsewhere (the sidecar's per-execution lease)."""
+        self.login = login
+        self.vault = self._client.with_token(login.token)
+
+    def read_context(self, client: VaultClient | None = None) -> ExecutionContext:
+        """The context, read with ``client`` (default: this execution's token)."""
+        return self._read_context(client or self.vault or self._client)
+
+    def prepare(self, context: ExecutionContext | None = None) -> RenderedFiles:
         """Read, decrypt, resolve and render; nothing is written before all of it succeeded."""
         assert self.vault is not None, "authenticate() first"
         options = self.options
-        self.context = context = self._read_context(self.vault)
+        self.context = context = context or self._read_context(self.vault)
         secret_names = [n for n, v in context.spec.data.items() if v.is_secret]
         plaintexts = Transit(self.vault, self._layout.transit_mount).decrypt(
             self._layout.transit_key(options.tenant),
@@ -200,21 +219,40 @@ class ExecutionSession:
             )
         return environ
 
-    def end(self, destroy_context: bool = True) -> Cleanup:
-        """Wipe the files, destroy the context, revoke the token; every step is attempted."""
+    def end(
+        self,
+        destroy_context: bool = True,
+        release_claim: bool = False,
+        via: VaultClient | None = None,
+    ) -> Cleanup:
+        """Wipe the files, destroy the context, release the claim, revoke the token.
+
+        Every step is attempted. ``via`` does the Vault steps when this execution's own token is
+        already gone (revoked from outside); its token is then not revoked again.
+        """
         report = Cleanup()
         if self._directory is not None:
             try:
                 report.files_removed = wipe(self._directory)
             except OSError as exc:
                 report.errors.append(f"wipe {self._directory}: {exc.strerror}")
-        if destroy_context and self.vault is not None:
+        actor = via or self.vault
+        if destroy_context and actor is not None:
             try:
-                KV(self.vault, self._layout.kv_mount).destroy(self._context_path)
+                KV(actor, self._layout.kv_mount).destroy(self._context_path)
                 report.context = "destroyed"
             except BrokerError as exc:
                 report.errors.append(str(exc))
-        if self.vault is not None:
+        if release_claim and actor is not None:
+            claim = self._layout.claim_path(self.options.tenant, self.options.execution_id)
+            try:
+                KV(actor, self._layout.kv_mount).destroy(claim)
+                report.claim = "released"
+            except BrokerError as exc:
+                report.errors.append(str(exc))
+        if via is not None:
+            report.token = "already revoked"
+        elif self.vault is not None:
             try:
                 revoke_self(self.vault)
                 report.token = "revoked"

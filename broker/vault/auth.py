@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from broker.errors import ConfigError, IdentityError, VaultError
+from broker.errors import ConfigError, IdentityError, VaultError, VaultUnavailable
 from broker.vault.client import VaultClient
 
 KUBERNETES_TOKEN_PATH = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
@@ -21,6 +21,13 @@ class Login:
     ttl: int
     policies: tuple[str, ...]
     renewable: bool = False
+
+
+def _login_failed(message: str, cause: VaultError) -> IdentityError:
+    """An IdentityError that is retryable only when Vault surely minted no token."""
+    error = IdentityError(f"{message}: {cause.reason}")
+    error.retryable = isinstance(cause, VaultUnavailable) and "Timeout" not in cause.reason
+    return error
 
 
 def _login_from(answer: Mapping[str, object]) -> Login:
@@ -59,8 +66,8 @@ def jwt_login(client: VaultClient, mount: str, role: str, jwt: str, method: str 
     try:
         answer = client.post(f"auth/{mount}/login", {"role": role, "jwt": jwt}, operation="login")
     except VaultError as exc:
-        raise IdentityError(
-            f"{method} login at auth/{mount} with role {role!r} failed: {exc.reason}"
+        raise _login_failed(
+            f"{method} login at auth/{mount} with role {role!r} failed", exc
         ) from None
     return _login_from(answer)
 
@@ -72,7 +79,7 @@ def approle_login(client: VaultClient, mount: str, role_id: str, secret_id: str)
             f"auth/{mount}/login", {"role_id": role_id, "secret_id": secret_id}, operation="login"
         )
     except VaultError as exc:
-        raise IdentityError(f"approle login at auth/{mount} failed: {exc.reason}") from None
+        raise _login_failed(f"approle login at auth/{mount} failed", exc) from None
     return _login_from(answer)
 
 

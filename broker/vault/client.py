@@ -6,7 +6,7 @@ naming the method and the path, never a response body (bodies can carry values).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 from urllib.parse import quote
@@ -26,6 +26,27 @@ from broker.errors import (
 )
 
 _CAS_MISMATCH = ("check-and-set", "cas")
+RequestObserver = Callable[[str, str], None]
+_observers: list[RequestObserver] = []
+
+
+def observe_requests(observer: RequestObserver) -> None:
+    """Call ``observer(operation, status_class)`` after every Vault request (for metrics)."""
+    _observers.append(observer)
+
+
+def _status_class(error: VaultError | None) -> str:
+    if error is None:
+        return "2xx"
+    if isinstance(error, VaultUnavailable):
+        return "unreachable" if "cannot reach" in error.reason else "5xx"
+    return "4xx"
+
+
+def _notify(operation: str, error: VaultError | None) -> None:
+    status = _status_class(error)
+    for observer in _observers:
+        observer(operation, status)
 
 
 def escape_path(path: str) -> str:
@@ -106,11 +127,18 @@ class VaultClient:
         op = operation or method.lower()
         url = f"/v1/{escape_path(path)}"
         payload = dict(body) if body is not None else None
-        with translate(op, path):
-            if wrap_ttl:
-                response = self._hvac.adapter.request(method, url, json=payload, wrap_ttl=wrap_ttl)
-            else:
-                response = self._hvac.adapter.request(method, url, json=payload)
+        try:
+            with translate(op, path):
+                if wrap_ttl:
+                    response = self._hvac.adapter.request(
+                        method, url, json=payload, wrap_ttl=wrap_ttl
+                    )
+                else:
+                    response = self._hvac.adapter.request(method, url, json=payload)
+        except VaultError as exc:
+            _notify(op, exc)
+            raise
+        _notify(op, None)
         if isinstance(response, dict):
             return response
         return {}

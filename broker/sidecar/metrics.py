@@ -1,0 +1,65 @@
+"""The sidecar's Prometheus metrics. Labels are steps and outcomes, never ids or values."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from broker.vault.client import observe_requests
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.active = Gauge(
+            "stigmer_broker_executions_active", "Executions prepared and not ended", registry=r
+        )
+        self.started = Counter(
+            "stigmer_broker_executions_started", "Executions prepared", registry=r
+        )
+        self.ended = Counter(
+            "stigmer_broker_executions_ended",
+            "Executions ended, by outcome",
+            ["outcome"],
+            registry=r,
+        )
+        self.prepare_seconds = Histogram(
+            "stigmer_broker_prepare_seconds",
+            "Time to claim, lease, decrypt and render one execution",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            registry=r,
+        )
+        self.vault_requests = Counter(
+            "stigmer_broker_vault_requests",
+            "Vault requests by operation and status class",
+            ["operation", "status"],
+            registry=r,
+        )
+        self.renewals = Counter(
+            "stigmer_broker_token_renewals",
+            "Login token renewals, by result",
+            ["result"],
+            registry=r,
+        )
+        self.logins = Counter("stigmer_broker_logins", "Logins, by result", ["result"], registry=r)
+        self.revocations = Counter(
+            "stigmer_broker_revocations",
+            "Lease and login revocations, by result",
+            ["result"],
+            registry=r,
+        )
+        self.errors = Counter("stigmer_broker_errors", "Errors, by class", ["error"], registry=r)
+        self.denied_peers = Counter(
+            "stigmer_broker_denied_peers", "Socket connections refused by peer uid", registry=r
+        )
+        self.claim_conflicts = Counter(
+            "stigmer_broker_claim_conflicts",
+            "Claims refused because another holds them",
+            registry=r,
+        )
+        observe_requests(
+            lambda operation, status: self.vault_requests.labels(operation, status).inc()
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
