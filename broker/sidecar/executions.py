@@ -25,6 +25,8 @@ from broker.sidecar.identity import Identity
 from broker.sidecar.metrics import Metrics
 from broker.vault import KV, Login, VaultClient, create_child_token, lookup_self
 
+EXPIRY_MARGIN = 2.0
+
 
 class State(StrEnum):
     PREPARING = "preparing"
@@ -172,8 +174,10 @@ class ExecutionManager:
             raise
         execution.state = State.ACTIVE
         loop = asyncio.get_running_loop()
+        # End a little before the deadline, while the lease (same deadline) can still clean up.
         execution.timer = loop.call_later(
-            remaining, lambda: asyncio.ensure_future(self.end(execution.id, "expired"))
+            max(remaining - EXPIRY_MARGIN, 0.5),
+            lambda: asyncio.ensure_future(self.end(execution.id, "expired")),
         )
         logs.event(
             "execution prepared",
@@ -242,8 +246,28 @@ class ExecutionManager:
             cleanup = await asyncio.shield(
                 asyncio.to_thread(session.end, destroy_context=True, release_claim=True)
             )
+            if cleanup.context != "destroyed" or cleanup.claim != "released":
+                cleanup = await self._finish_with_login(execution, cleanup)
             self._finish(execution, cleanup, reason, State.ENDED)
         return execution
+
+    async def _finish_with_login(self, execution: Execution, first: Cleanup) -> Cleanup:
+        """The lease could not finish (expired, revoked): destroy and release with the login."""
+        token = self._identity.current
+        if token is None:
+            return first
+        again = await asyncio.shield(
+            asyncio.to_thread(
+                execution.session.end,
+                destroy_context=first.context != "destroyed",
+                release_claim=first.claim != "released",
+                via=token.client,
+            )
+        )
+        first.context = "destroyed" if again.context == "destroyed" else first.context
+        first.claim = "released" if again.claim == "released" else first.claim
+        first.errors = again.errors
+        return first
 
     async def fail(self, execution: Execution, why: str) -> None:
         """The lease is gone from under us: clean up with the login token instead."""

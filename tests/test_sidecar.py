@@ -1,0 +1,399 @@
+"""The sidecar as a real process, driven over its Unix socket, against a real OpenBao."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import requests
+
+from broker.client import AsyncBrokerClient, BrokerClient, BrokerClientError
+from broker.control.environments import EnvironmentStore
+from broker.control.executions import ExecutionIssuer, RuntimeValue
+from broker.devserver import free_port
+from broker.errors import VaultError
+from broker.vault import KV
+from tests.conftest import Vault, context_paths
+from tests.test_control import agent, environment, instance
+
+CANARY = "cnry-sidecar-3e9f1b-do-not-leak"
+
+
+@dataclass
+class Sidecar:
+    process: subprocess.Popen[bytes]
+    socket: Path
+    out: Path
+    log: Path
+    metrics_port: int
+    client: BrokerClient
+
+    def events(self) -> list[dict[str, object]]:
+        return [json.loads(line) for line in self.log.read_text().splitlines() if line.strip()]
+
+    def metrics(self) -> str:
+        return requests.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).text
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(30)
+
+
+def start_sidecar(
+    vault: Vault, tenant: str, tmp_path: Path, shm: Path, *extra: str, name: str = "a"
+) -> Sidecar:
+    shm.chmod(0o750)  # like a shared volume: the runner's group may enter, others may not
+    socket_path = shm / f"{name}.sock"
+    out = shm / f"out-{name}"
+    log = tmp_path / f"{name}.log"
+    port = free_port()
+    environ = vault.environ()
+    environ.pop("VAULT_TOKEN")  # the sidecar holds no token of ours
+    with log.open("wb") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "broker.cli", "sidecar", "--tenant", tenant, "--socket", str(socket_path),
+             "--out", str(out), "--jwt-file", str(vault.jwt_for(tenant, tmp_path)), "--pod", f"pod-{name}",
+             "--metrics-addr", f"127.0.0.1:{port}", *extra],
+            env=environ, stdout=subprocess.DEVNULL, stderr=log_file,
+        )  # fmt: skip
+    client = BrokerClient(socket_path, timeout=30)
+    deadline = time.monotonic() + 20
+    while not (socket_path.exists() and client.ready()):
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"sidecar did not start: {log.read_text()}")
+        time.sleep(0.05)
+    return Sidecar(process, socket_path, out, log, port, client)
+
+
+@pytest.fixture
+def sidecar(vault: Vault, tenant: str, tmp_path: Path, shm: Path) -> Iterator[Sidecar]:
+    running = start_sidecar(vault, tenant, tmp_path, shm, "--lease-check-interval", "0.3")
+    yield running
+    running.stop()
+
+
+def issue(
+    vault: Vault,
+    tenant: str,
+    execution_id: str,
+    ttl: timedelta = timedelta(minutes=5),
+    secrets: int = 1,
+) -> None:
+    data = {f"TOKEN_{i}": (f"{CANARY}-{i}", True) for i in range(secrets)}
+    EnvironmentStore(vault.admin, vault.layout).apply(tenant, environment("sc-env", **data))
+    ExecutionIssuer(vault.admin, vault.layout).create(
+        tenant,
+        agent(
+            servers=[
+                {
+                    "name": "api",
+                    "http": {"url": "https://x.example", "headers": {"A": "Bearer ${TOKEN_0}"}},
+                }
+            ]
+        ),
+        instance("sc-env"),
+        runtime_env={"MODE": RuntimeValue("fast")},
+        ttl=ttl,
+        execution_id=execution_id,
+    )
+
+
+def lease_accessor(vault: Vault, tenant: str, execution_id: str) -> str:
+    claim = KV(vault.admin, "stigmer").read(f"execution-claims/{tenant}/{execution_id}").data
+    return str(claim["lease_accessor"])
+
+
+def accessor_alive(vault: Vault, accessor: str) -> bool:
+    try:
+        vault.admin.post("auth/token/lookup-accessor", {"accessor": accessor})
+    except VaultError:
+        return False
+    return True
+
+
+def test_prepare_resolve_end(vault: Vault, tenant: str, sidecar: Sidecar) -> None:
+    issue(vault, tenant, "sc-1")
+    prepared = sidecar.client.prepare("sc-1")
+    assert prepared.state == "active"
+    assert prepared.variables == {"MODE": {"secret": False}, "TOKEN_0": {"secret": True}}
+    assert (
+        json.loads(prepared.mcp_config.read_text())["mcpServers"]["api"]["headers"]["A"]
+        == f"Bearer {CANARY}-0"
+    )
+    assert prepared.environ()["TOKEN_0"] == f"{CANARY}-0"
+    again = sidecar.client.prepare("sc-1")  # same caller: same answer
+    assert again == prepared
+    claim = KV(vault.admin, "stigmer").read(f"execution-claims/{tenant}/sc-1").data
+    assert claim["pod"] == "pod-a"
+    accessor = claim["lease_accessor"]
+    lease = vault.admin.post("auth/token/lookup-accessor", {"accessor": accessor})["data"]
+    assert lease["meta"] == {"execution_id": "sc-1", "tenant": tenant, "pod": "pod-a"}
+    assert lease["policies"] == ["stigmer-runner"]
+    assert sidecar.client.resolve("sc-1", {"h": ["x ${.secrets.TOKEN_0}", 3], "m": "${MODE}"}) == {
+        "h": [f"x {CANARY}-0", 3], "m": "fast",
+    }  # fmt: skip
+    with pytest.raises(BrokerClientError) as unknown:
+        sidecar.client.resolve("sc-1", {"a": "${NOPE}"})
+    assert unknown.value.status == 422 and "unknown variable NOPE" in str(unknown.value)
+    assert sidecar.client.list() == [{"id": "sc-1", "state": "active"}]
+    ended = sidecar.client.end("sc-1")
+    assert ended["state"] == "ended"
+    assert ended["ended"]["context"] == "destroyed" and ended["ended"]["lease"] == "revoked"
+    assert ended["ended"]["claim"] == "released"
+    assert not prepared.directory.exists()
+    assert not accessor_alive(vault, accessor)
+    assert context_paths(vault, tenant) == []
+    with pytest.raises(BrokerClientError) as gone:
+        sidecar.client.prepare("sc-1")
+    assert gone.value.status == 410
+
+
+def test_errors_have_statuses(vault: Vault, tenant: str, sidecar: Sidecar) -> None:
+    with pytest.raises(BrokerClientError) as missing:
+        sidecar.client.prepare("never-issued")
+    assert missing.value.status == 404 and "no context" in str(missing.value)
+    with pytest.raises(BrokerClientError) as bad:
+        sidecar.client.prepare("bad..id")
+    assert bad.value.status == 400
+    with pytest.raises(BrokerClientError) as unknown:
+        sidecar.client.get("not-here")
+    assert unknown.value.status == 404
+    assert list(sidecar.out.iterdir()) == []
+
+
+def test_context_manager_ends_on_exception(vault: Vault, tenant: str, sidecar: Sidecar) -> None:
+    issue(vault, tenant, "cm-1")
+    with pytest.raises(RuntimeError), sidecar.client.execution("cm-1") as prepared:
+        assert prepared.env_file.exists()
+        raise RuntimeError("the agent crashed")
+    assert not prepared.directory.exists()
+    assert context_paths(vault, tenant) == []
+
+
+def test_sigterm_ends_every_active_execution(vault: Vault, tenant: str, sidecar: Sidecar) -> None:
+    ids = [f"term-{i}" for i in range(20)]
+    for execution_id in ids:
+        issue(vault, tenant, execution_id)
+    prepared = [sidecar.client.prepare(i) for i in ids]
+    accessors = [lease_accessor(vault, tenant, i) for i in ids]
+    login = next(e["accessor"] for e in sidecar.events() if e["msg"] == "logged in")
+    assert sidecar.stop() == 0
+    assert all(not p.directory.exists() for p in prepared)
+    assert not any(accessor_alive(vault, a) for a in accessors)
+    assert not accessor_alive(vault, str(login))
+    assert context_paths(vault, tenant) == []
+    assert not sidecar.socket.exists()
+    stopped = next(e for e in sidecar.events() if e["msg"] == "sidecar stopped")
+    assert isinstance(stopped["seconds"], float)
+
+
+def test_ttl_expiry_without_delete(vault: Vault, tenant: str, sidecar: Sidecar) -> None:
+    issue(vault, tenant, "ttl-1", ttl=timedelta(seconds=2))
+    prepared = sidecar.client.prepare("ttl-1")
+    accessor = lease_accessor(vault, tenant, "ttl-1")
+    deadline = time.monotonic() + 10
+    while sidecar.client.get("ttl-1")["state"] != "ended" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert sidecar.client.get("ttl-1")["ended"]["reason"] == "expired"
+    assert not prepared.directory.exists()
+    assert not accessor_alive(vault, accessor)
+    assert context_paths(vault, tenant) == []
+
+
+def test_second_sidecar_is_refused_and_first_untouched(
+    vault: Vault, tenant: str, sidecar: Sidecar, tmp_path: Path, shm: Path
+) -> None:
+    issue(vault, tenant, "dup-1")
+    first = sidecar.client.prepare("dup-1")
+    other = start_sidecar(vault, tenant, tmp_path, shm, name="b")
+    try:
+        with pytest.raises(BrokerClientError) as refused:
+            other.client.prepare("dup-1")
+        assert refused.value.status == 409
+        assert any(e["msg"] == "security: execution claim refused" for e in other.events())
+        assert "stigmer_broker_claim_conflicts_total 1.0" in other.metrics()
+        assert list(other.out.iterdir()) == []
+    finally:
+        other.stop()
+    assert sidecar.client.get("dup-1")["state"] == "active"
+    assert first.env_file.exists()
+    assert accessor_alive(vault, lease_accessor(vault, tenant, "dup-1"))
+    assert (
+        "stigmer_broker_claim_conflicts_total 1.0" in other.metrics()
+        if other.process.poll() is None
+        else True
+    )
+
+
+def test_lease_revoked_from_outside(vault: Vault, tenant: str, sidecar: Sidecar) -> None:
+    issue(vault, tenant, "rev-1")
+    prepared = sidecar.client.prepare("rev-1")
+    vault.admin.post(
+        "auth/token/revoke-accessor", {"accessor": lease_accessor(vault, tenant, "rev-1")}
+    )
+    deadline = time.monotonic() + 10
+    while sidecar.client.get("rev-1")["state"] != "failed" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    state = sidecar.client.get("rev-1")
+    assert state["state"] == "failed" and state["ended"]["reason"] == "lease revoked"
+    assert not prepared.directory.exists()
+    assert context_paths(vault, tenant) == []
+    assert [e["msg"] for e in sidecar.events()].count("logged in") == 1  # the login was fine
+
+
+def test_login_revoked_from_outside_reauthenticates_once(
+    vault: Vault, tenant: str, sidecar: Sidecar
+) -> None:
+    ids = [f"relog-{i}" for i in range(3)]
+    for execution_id in ids:
+        issue(vault, tenant, execution_id)
+    prepared = [sidecar.client.prepare(i) for i in ids]
+    login = next(e["accessor"] for e in sidecar.events() if e["msg"] == "logged in")
+    vault.admin.post("auth/token/revoke-accessor", {"accessor": login})  # takes every lease with it
+    deadline = time.monotonic() + 15
+    while (
+        any(sidecar.client.get(i)["state"] != "failed" for i in ids) and time.monotonic() < deadline
+    ):
+        time.sleep(0.1)
+    assert all(sidecar.client.get(i)["state"] == "failed" for i in ids)
+    assert all(not p.directory.exists() for p in prepared)
+    assert context_paths(vault, tenant) == []
+    assert [e["msg"] for e in sidecar.events()].count("logged in") == 2  # re-authenticated once
+    issue(vault, tenant, "relog-after")
+    assert sidecar.client.prepare("relog-after").state == "active"  # and works again
+    assert sidecar.client.ready()
+
+
+def _as_nobody(socket_path: Path, execution_id: str) -> tuple[int, str]:
+    """PUT from uid 65534 (group root, so the 0660 socket file lets it connect)."""
+    script = (
+        "import os, sys, encodings.idna\n"
+        "from broker.client import BrokerClient, BrokerClientError\n"  # imported while still root
+        "os.setgroups([]); os.setgid(0); os.setuid(65534)\n"
+        "try:\n"
+        f"    BrokerClient({str(socket_path)!r}).prepare({execution_id!r}); print(200)\n"
+        "except BrokerClientError as e:\n"
+        "    print(e.status)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=30, check=False
+    )
+    return int(result.stdout.strip() or 0), result.stderr
+
+
+def test_peer_uid_not_allowed_gets_403(vault: Vault, tenant: str, sidecar: Sidecar) -> None:
+    issue(vault, tenant, "peer-1")
+    status, stderr = _as_nobody(sidecar.socket, "peer-1")
+    assert status == 403, stderr
+    refused = [e for e in sidecar.events() if e["msg"] == "security: socket peer refused"]
+    assert refused and refused[-1]["peer_uid"] == 65534
+    assert oct(sidecar.socket.stat().st_mode & 0o777) == "0o660"
+    assert "stigmer_broker_denied_peers_total 1.0" in sidecar.metrics()
+
+
+def test_another_allowed_caller_cannot_take_an_execution(
+    vault: Vault, tenant: str, tmp_path: Path, shm: Path
+) -> None:
+    running = start_sidecar(
+        vault, tenant, tmp_path, shm, "--allow-uid", "0", "--allow-uid", "65534", name="c"
+    )
+    try:
+        issue(vault, tenant, "own-1")
+        running.client.prepare("own-1")
+        status, stderr = _as_nobody(running.socket, "own-1")
+        assert status == 409, stderr
+        assert running.client.get("own-1")["state"] == "active"
+    finally:
+        assert running.stop() == 0
+
+
+def test_fifty_concurrent_executions(vault: Vault, tenant: str, sidecar: Sidecar) -> None:
+    ids = [f"many-{i}" for i in range(50)]
+    for execution_id in ids:
+        issue(vault, tenant, execution_id)
+
+    async def prepare_all() -> list[str]:
+        async with AsyncBrokerClient(sidecar.socket) as client:
+            prepared = await asyncio.gather(*(client.prepare(i) for i in ids))
+            return [str(p.directory) for p in prepared]
+
+    directories = asyncio.run(prepare_all())
+    assert len(set(directories)) == 50
+    accessors = {lease_accessor(vault, tenant, i) for i in ids}
+    assert len(accessors) == 50
+    order = ids[:]
+    random.shuffle(order)
+
+    async def end_all() -> None:
+        async with AsyncBrokerClient(sidecar.socket) as client:
+            await asyncio.gather(*(client.end(i) for i in order))
+
+    asyncio.run(end_all())
+    assert all(not Path(d).exists() for d in directories)
+    assert not any(accessor_alive(vault, a) for a in accessors)
+    assert context_paths(vault, tenant) == []
+    assert "stigmer_broker_executions_started_total 50.0" in sidecar.metrics()
+
+
+def test_canaries_stay_out_of_logs_metrics_environ_and_cmdline(
+    vault: Vault, tenant: str, sidecar: Sidecar
+) -> None:
+    issue(vault, tenant, "canary-1", secrets=3)
+    prepared = sidecar.client.prepare("canary-1")
+    assert CANARY in prepared.env_json.read_text()  # live canaries
+    sidecar.client.resolve("canary-1", {"a": "${TOKEN_1}"})
+    proc = Path(f"/proc/{sidecar.process.pid}")
+    environ = (proc / "environ").read_bytes().decode(errors="replace")
+    cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
+    metrics = sidecar.metrics()
+    sidecar.client.end("canary-1")
+    assert sidecar.stop() == 0
+    logs = sidecar.log.read_text()
+    for text in (environ, cmdline, metrics, logs):
+        assert CANARY not in text
+    assert vault.server.token not in environ and vault.server.token not in cmdline
+    assert "VAULT_TOKEN" not in environ
+
+
+def test_startup_deadline_with_vault_unreachable(tenant: str, tmp_path: Path, shm: Path) -> None:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
+    environ["VAULT_ADDR"] = f"http://127.0.0.1:{free_port()}"
+    jwt = tmp_path / "jwt"
+    jwt.write_text("x.y.z")
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "broker.cli", "sidecar", "--tenant", tenant, "--socket", str(tmp_path / "s.sock"),
+         "--out", str(shm / "o"), "--jwt-file", str(jwt), "--startup-timeout", "2s", "--metrics-addr", ""],
+        env=environ, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 4
+    assert (
+        "jwt login at auth/jwt with role 'stigmer-runner' failed: cannot reach Vault"
+        in result.stderr.splitlines()[-1]
+    )
+    assert time.monotonic() - started >= 2
+    assert sum("login failed, retrying" in line for line in result.stderr.splitlines()) >= 2
+    assert not (tmp_path / "s.sock").exists()
+    assert not (shm / "o").exists() or list((shm / "o").iterdir()) == []
+
+
+def test_disk_backed_out_is_refused_at_startup(vault: Vault, tenant: str, tmp_path: Path) -> None:
+    environ = vault.environ()
+    result = subprocess.run(
+        [sys.executable, "-m", "broker.cli", "sidecar", "--tenant", tenant, "--socket", str(tmp_path / "s.sock"),
+         "--out", str(tmp_path / "out"), "--jwt-file", str(vault.jwt_for(tenant, tmp_path)), "--metrics-addr", ""],
+        env=environ, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 6 and "disk-backed" in result.stderr
