@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test lint typecheck unit clean
+.PHONY: venv demo test lint typecheck unit clean bench
 
 venv: $(STAMP)
 
@@ -32,3 +32,6 @@ test: lint typecheck unit
 
 clean:
 	rm -rf $(VENV) .vault-dev .mypy_cache .ruff_cache .pytest_cache
+
+bench: venv
+	$(BIN)/python bench/sidecar.py

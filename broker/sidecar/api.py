@@ -154,10 +154,22 @@ def build_app(
     return app
 
 
-def build_metrics_app(metrics: Metrics) -> web.Application:
+def build_metrics_app(metrics: Metrics, identity: Identity) -> web.Application:
+    """``/metrics`` for Prometheus, plus ``/healthz`` and ``/readyz`` for Kubernetes probes
+    (kubelet probes cannot reach a Unix socket)."""
+
     async def serve(request: web.Request) -> web.Response:
         return web.Response(body=metrics.render(), content_type="text/plain", charset="utf-8")
 
+    async def healthz(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(request: web.Request) -> web.Response:
+        ready = identity.alive()
+        return web.json_response({"ready": ready}, status=200 if ready else 503)
+
     app = web.Application()
     app.router.add_get("/metrics", serve)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
     return app

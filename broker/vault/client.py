@@ -14,6 +14,7 @@ from urllib.parse import quote
 import hvac
 import hvac.exceptions
 import requests
+import requests.adapters
 
 from broker.config import VaultSettings
 from broker.errors import (
@@ -90,13 +91,28 @@ def translate(operation: str, path: str) -> Iterator[None]:
 class VaultClient:
     """A thin, typed wrapper over hvac's adapter with error translation."""
 
-    def __init__(self, settings: VaultSettings, timeout: int = 10) -> None:
+    def __init__(
+        self,
+        settings: VaultSettings,
+        timeout: int = 10,
+        session: requests.Session | None = None,
+    ) -> None:
         self.addr = settings.addr
         self._settings = settings
         self._timeout = timeout
+        # One connection pool for every token of this server (see with_token).
+        if session is None:
+            session = requests.Session()
+            for scheme in ("http://", "https://"):
+                session.mount(scheme, requests.adapters.HTTPAdapter(pool_maxsize=64))
+        self._session = session
         verify: bool | str = settings.cacert or True
         self._hvac = hvac.Client(
-            url=settings.addr, token=settings.token or None, timeout=timeout, verify=verify
+            url=settings.addr,
+            token=settings.token or None,
+            timeout=timeout,
+            verify=verify,
+            session=self._session,
         )
 
     def __repr__(self) -> str:
@@ -113,7 +129,7 @@ class VaultClient:
     def with_token(self, token: str) -> VaultClient:
         """A client for the same server that uses another token."""
         settings = VaultSettings(addr=self.addr, token=token, cacert=self._settings.cacert)
-        return VaultClient(settings, timeout=self._timeout)
+        return VaultClient(settings, timeout=self._timeout, session=self._session)
 
     def request(
         self,
