@@ -456,15 +456,27 @@ def cmd_execution_end(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from broker.render import default_out_dir
-    from broker.runner import ExecutionSession, RunOptions, run
+    from broker.runner import ExecutionSession, run
 
     command = list(args.command)
     if command and command[0] == "--":
         command = command[1:]
-    options = RunOptions(
+    out = Path(args.out) if args.out else default_out_dir()
+    options = _run_options(args, ids.execution_id(args.execution), out)
+    if not command:
+        raise ConfigError("no command given: stigmer-broker run ... -- CMD [ARGS...]")
+    session = ExecutionSession(_client(need_token=args.auth == "token"), Layout.from_env(), options)
+    return run(session, command)
+
+
+def _run_options(args: argparse.Namespace, execution_id: str, out: Path) -> Any:
+    """The runner-side options `run` and `sidecar` share (auth and output flags)."""
+    from broker.runner import RunOptions
+
+    return RunOptions(
         tenant=ids.tenant(args.tenant),
-        execution_id=ids.execution_id(args.execution),
-        out_dir=Path(args.out) if args.out else default_out_dir(),
+        execution_id=execution_id,
+        out_dir=out,
         auth=args.auth,
         jwt_file=Path(args.jwt_file),
         role=args.role,
@@ -473,17 +485,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         allow_disk=args.allow_disk,
         allow_secret_in_args=args.allow_secret_in_args,
     )
-    if not command:
-        raise ConfigError("no command given: stigmer-broker run ... -- CMD [ARGS...]")
-    session = ExecutionSession(_client(need_token=args.auth == "token"), Layout.from_env(), options)
-    return run(session, command)
 
 
 # --- sidecar --------------------------------------------------------------------------------
 
 
 def cmd_sidecar(args: argparse.Namespace) -> int:
-    from broker.runner import RunOptions
     from broker.sidecar.app import SidecarOptions, run_sidecar
 
     if args.auth == "token":
@@ -491,20 +498,8 @@ def cmd_sidecar(args: argparse.Namespace) -> int:
     settings = VaultSettings.from_env(need_token=False)
     if settings.token:
         logs.event("ignoring VAULT_TOKEN: the sidecar logs in with its own identity", level=30)
-    run_options = RunOptions(
-        tenant=ids.tenant(args.tenant),
-        execution_id="sidecar",
-        out_dir=Path(args.out),
-        auth=args.auth,
-        jwt_file=Path(args.jwt_file),
-        role=args.role,
-        role_id_file=Path(args.role_id_file) if args.role_id_file else None,
-        secret_id_file=Path(args.secret_id_file) if args.secret_id_file else None,
-        allow_disk=args.allow_disk,
-        allow_secret_in_args=args.allow_secret_in_args,
-    )
     options = SidecarOptions(
-        run=run_options,
+        run=_run_options(args, "sidecar", Path(args.out)),
         socket=Path(args.socket),
         metrics_addr=args.metrics_addr,
         allow_uids=tuple(args.allow_uid or ()),
@@ -535,7 +530,8 @@ def _value_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--env-file", metavar="F", help="dotenv file of plain variables")
 
 
-def _auth_flags(parser: argparse.ArgumentParser, methods: list[str]) -> None:
+def _runner_flags(parser: argparse.ArgumentParser, methods: list[str]) -> None:
+    """Auth and output flags shared by `run` and `sidecar`."""
     parser.add_argument("--auth", choices=methods, default="jwt")
     parser.add_argument("--jwt-file", default="/var/run/secrets/kubernetes.io/serviceaccount/token")
     parser.add_argument(
@@ -544,6 +540,10 @@ def _auth_flags(parser: argparse.ArgumentParser, methods: list[str]) -> None:
     parser.add_argument("--role-id-file", metavar="F", help="approle: file holding the role_id")
     parser.add_argument(
         "--secret-id-file", metavar="F", help="approle: file holding the wrapped secret_id token"
+    )
+    parser.add_argument("--allow-disk", action="store_true", help="allow a disk-backed --out")
+    parser.add_argument(
+        "--allow-secret-in-args", action="store_true", help="allow secrets in argv and URLs"
     )
 
 
@@ -698,7 +698,7 @@ def build_parser() -> argparse.ArgumentParser:
     _tenant(p)
     p.add_argument("--socket", required=True, metavar="PATH")
     p.add_argument("--out", required=True, metavar="DIR", help="memory-backed directory")
-    _auth_flags(p, ["jwt", "kubernetes", "approle"])
+    _runner_flags(p, ["jwt", "kubernetes", "approle"])
     p.add_argument("--metrics-addr", default="127.0.0.1:9464", help="host:port, '' to disable")
     p.add_argument(
         "--allow-uid",
@@ -717,16 +717,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="how often leases are checked for outside revocation",
     )
-    p.add_argument("--allow-disk", action="store_true")
-    p.add_argument("--allow-secret-in-args", action="store_true")
 
     p = sub(commands, "run", cmd_run, "run CMD with an execution's environment, then clean up")
     _tenant(p)
     p.add_argument("--execution", required=True, metavar="ID")
     p.add_argument("--out", metavar="DIR", help="memory-backed directory for the files")
-    _auth_flags(p, ["jwt", "kubernetes", "approle", "token"])
-    p.add_argument("--allow-disk", action="store_true")
-    p.add_argument("--allow-secret-in-args", action="store_true")
+    _runner_flags(p, ["jwt", "kubernetes", "approle", "token"])
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
     return parser
 
