@@ -397,3 +397,56 @@ def test_disk_backed_out_is_refused_at_startup(vault: Vault, tenant: str, tmp_pa
         env=environ, capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert result.returncode == 6 and "disk-backed" in result.stderr
+
+
+def test_renews_and_logs_in_again_at_max_ttl(
+    vault: Vault, tenant: str, tmp_path: Path, shm: Path
+) -> None:
+    """TTL 2 s, max 5 s: renewals keep it alive, then a fresh login when renewal stops helping."""
+    role = vault.admin.get("auth/jwt/role/stigmer-runner")["data"]
+    role.update(token_ttl=2, token_max_ttl=5)
+    vault.admin.post("auth/jwt/role/sidecar-short", role)
+    running = start_sidecar(
+        vault, tenant, tmp_path, shm, "--role", "sidecar-short", "--login-max-ttl", "5s", name="r"
+    )
+    try:
+        time.sleep(7)
+        assert running.client.ready()
+        metrics = running.metrics()
+        renewals = next(
+            line
+            for line in metrics.splitlines()
+            if line.startswith('stigmer_broker_token_renewals_total{result="ok"}')
+        )
+        assert float(renewals.split()[-1]) >= 2
+        logins = next(
+            line
+            for line in metrics.splitlines()
+            if line.startswith('stigmer_broker_logins_total{result="ok"}')
+        )
+        assert float(logins.split()[-1]) >= 2
+        issue(vault, tenant, "short-1")
+        assert running.client.prepare("short-1").state == "active"
+    finally:
+        assert running.stop() == 0
+    assert context_paths(vault, tenant) == []
+
+
+def test_async_context_manager_ends_on_exception(
+    vault: Vault, tenant: str, sidecar: Sidecar
+) -> None:
+    issue(vault, tenant, "acm-1")
+
+    async def use() -> Path:
+        async with AsyncBrokerClient(sidecar.socket) as client:
+            try:
+                async with client.execution("acm-1") as prepared:
+                    assert prepared.mcp_config.exists()
+                    raise ValueError("agent failed")
+            except ValueError:
+                return prepared.directory
+        raise AssertionError("unreachable")
+
+    directory = asyncio.run(use())
+    assert not directory.exists()
+    assert sidecar.client.get("acm-1")["state"] == "ended"
