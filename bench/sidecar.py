@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -38,6 +39,12 @@ def resource(kind: str, name: str, spec: dict[str, object]) -> dict[str, object]
         "metadata": {"name": name},
         "spec": spec,
     }
+
+
+def instance(slug: str) -> AgentInstance:
+    refs = [{"kind": 53, "slug": slug}]
+    spec = {"agent_id": "bench", "environment_refs": refs}
+    return parse_resource(resource("AgentInstance", "i", spec), AgentInstance)
 
 
 def main() -> int:
@@ -71,8 +78,9 @@ def main() -> int:
         environ = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
         environ["VAULT_ADDR"] = server.addr
         sidecar = subprocess.Popen(
-            [sys.executable, "-m", "broker.cli", "--log-level", "warning", "sidecar", "--tenant", TENANT,
-             "--socket", str(socket_path), "--out", str(shm / "out"), "--jwt-file", str(jwt), "--metrics-addr", ""],
+            [sys.executable, "-m", "broker.cli", "--log-level", "warning", "sidecar",
+             "--tenant", TENANT, "--socket", str(socket_path), "--out", str(shm / "out"),
+             "--jwt-file", str(jwt), "--metrics-addr", ""],
             env=environ,
         )  # fmt: skip
         client = BrokerClient(socket_path)
@@ -80,10 +88,7 @@ def main() -> int:
             time.sleep(0.05)
         results: dict[str, object] = {}
         for size in (10, 100):
-            inst = parse_resource(
-                resource("AgentInstance", "i", {"agent_id": "bench", "environment_refs": [{"kind": 53, "slug": f"env{size}"}]}),
-                AgentInstance,
-            )  # fmt: skip
+            inst = instance(f"env{size}")
             timings = []
             for run in range(RUNS):
                 execution_id = f"b{size}-{run}"
@@ -126,6 +131,8 @@ def main() -> int:
             sidecar.kill()
             sidecar.wait()
         devserver.stop(state)
+        shutil.rmtree(shm, ignore_errors=True)
+        shutil.rmtree(state, ignore_errors=True)
 
 
 if __name__ == "__main__":
