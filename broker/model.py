@@ -455,16 +455,6 @@ class ExecutionContext(_Resource):
     owner_scopes: ClassVar[tuple[int, ...] | None] = (0,)
 
 
-Resource = (
-    Environment
-    | Agent
-    | Workflow
-    | AgentInstance
-    | WorkflowInstance
-    | AgentExecution
-    | WorkflowExecution
-    | ExecutionContext
-)
 RESOURCE_TYPES: dict[str, type[_Resource]] = {
     cls.__name__: cls
     for cls in (

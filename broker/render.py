@@ -1,8 +1,9 @@
 """Write an execution's files to a memory-backed directory, safely, and wipe them afterwards.
 
-``<out>/<execution id>/`` (0700) gets ``env``, ``env.json``, ``mcp.json`` and ``manifest.json``,
-each 0400, each written to a temp file and renamed into place relative to the directory's file
-descriptor, opened with ``O_NOFOLLOW``, so a planted symlink cannot redirect a write.
+``<out>/<execution id>/`` gets ``env``, ``env.json``, ``mcp.json`` and ``manifest.json``: 0700
+and 0400 for `run` (one user), 0750 and 0440 for the sidecar (the runner is another uid in the
+broker's group). Each file is written to a temp file opened with ``O_NOFOLLOW`` and renamed into
+place relative to the directory's file descriptor, so a planted symlink cannot redirect a write.
 """
 
 from __future__ import annotations
@@ -168,6 +169,7 @@ def write_atomic(dir_fd: int, name: str, data: bytes, mode: int = 0o400) -> None
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode, dir_fd=dir_fd)
     try:
         with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), mode)  # exactly, whatever the umask
             handle.write(data)
         os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except BaseException:
@@ -176,10 +178,16 @@ def write_atomic(dir_fd: int, name: str, data: bytes, mode: int = 0o400) -> None
         raise
 
 
-def prepare_directory(out: Path, execution_id: str, allow_disk: bool = False) -> Path:
-    """Create ``out`` (0700) and ``out/<execution id>`` (0700); refuse a disk-backed ``out``."""
+PRIVATE = (0o700, 0o400)  # one user: `run` and its child
+GROUP_READABLE = (0o750, 0o440)  # sidecar: the runner is another uid in the broker's group
+
+
+def prepare_directory(
+    out: Path, execution_id: str, allow_disk: bool = False, dir_mode: int = PRIVATE[0]
+) -> Path:
+    """Create ``out`` and ``out/<execution id>`` (``dir_mode``); refuse a disk-backed ``out``."""
     try:
-        out.mkdir(mode=0o700, parents=True, exist_ok=True)
+        out.mkdir(mode=dir_mode, parents=True, exist_ok=True)
     except OSError as exc:
         raise RenderError(f"--out {out}: cannot create ({exc.strerror})") from None
     if out.is_symlink() or not out.is_dir():
@@ -192,7 +200,8 @@ def prepare_directory(out: Path, execution_id: str, allow_disk: bool = False) ->
     directory = out / execution_id
     try:
         with _directory_fd(out) as out_fd:
-            os.mkdir(execution_id, 0o700, dir_fd=out_fd)
+            os.mkdir(execution_id, dir_mode, dir_fd=out_fd)
+            os.chmod(execution_id, dir_mode, dir_fd=out_fd)  # exactly, whatever the umask
     except FileExistsError:
         raise RenderError(f"{directory}: already exists (is the execution running?)") from None
     except OSError as exc:
@@ -211,6 +220,7 @@ def render(
     variables: Mapping[str, Variable],
     servers: Sequence[McpServerDefinition],
     expires_at: datetime | None,
+    file_mode: int = PRIVATE[1],
 ) -> RenderedFiles:
     """Write the four files; ``variables`` hold plaintext, ``servers`` are already resolved."""
     values = {name: var.value for name, var in variables.items()}
@@ -233,7 +243,7 @@ def render(
     try:
         with _directory_fd(directory) as dir_fd:
             for name, data in contents.items():
-                write_atomic(dir_fd, name, data)
+                write_atomic(dir_fd, name, data, file_mode)
     except OSError as exc:
         raise RenderError(f"{directory}: cannot write ({exc.strerror})") from None
     return RenderedFiles(directory)

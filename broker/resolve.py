@@ -19,7 +19,7 @@ and plaintext in the sidecar. Nothing in this module looks inside them.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -225,20 +225,6 @@ def _check_url(sub: _Substitution, url: str, where: str) -> None:
         sub.problems.append(f"{where}: not an http(s) URL")
 
 
-def placeholder_names(text: str) -> set[str]:
-    """Names referenced by the placeholders of ``text`` (escapes excluded)."""
-    names = set()
-    for match in PLACEHOLDER.finditer(text):
-        body = match.group("body")
-        reference = _REFERENCE.match(body) if body is not None else None
-        if reference:
-            names.add(reference.group("name"))
-    return names
-
-
 def mask(variables: Mapping[str, Variable]) -> dict[str, dict[str, bool]]:
     """The shape the CLI and API may show: names and secret flags, never values."""
     return {name: {"secret": var.is_secret} for name, var in sorted(variables.items())}
-
-
-Sealer = Callable[[Sequence[str]], list[str]]

@@ -21,7 +21,14 @@ from broker import ids, logs
 from broker.config import Layout
 from broker.errors import BrokerError, ConfigError, RevokeError, ValidationError
 from broker.model import ExecutionContext
-from broker.render import RenderedFiles, prepare_directory, render, wipe
+from broker.render import (
+    GROUP_READABLE,
+    PRIVATE,
+    RenderedFiles,
+    prepare_directory,
+    render,
+    wipe,
+)
 from broker.resolve import Variable, resolve_servers
 from broker.store import read_context
 from broker.vault import (
@@ -54,6 +61,7 @@ class RunOptions:
     secret_id_file: Path | None = None
     allow_disk: bool = False
     allow_secret_in_args: bool = False
+    group_readable: bool = False  # sidecar: the runner reads the files as a group member
 
 
 @dataclass
@@ -189,8 +197,9 @@ class ExecutionSession:
         )
         allow = options.allow_secret_in_args or context.spec.allow_secret_in_args
         servers = resolve_servers(context.spec.mcp_servers, self.variables, allow)
+        dir_mode, file_mode = GROUP_READABLE if options.group_readable else PRIVATE
         self._directory = prepare_directory(
-            options.out_dir, options.execution_id, options.allow_disk
+            options.out_dir, options.execution_id, options.allow_disk, dir_mode
         )
         self.files = render(
             self._directory,
@@ -199,6 +208,7 @@ class ExecutionSession:
             self.variables,
             servers,
             context.spec.expires_at,
+            file_mode,
         )
         logs.event(
             "files rendered", execution_id=options.execution_id, directory=str(self._directory)

@@ -450,3 +450,14 @@ def test_async_context_manager_ends_on_exception(
     directory = asyncio.run(use())
     assert not directory.exists()
     assert sidecar.client.get("acm-1")["state"] == "ended"
+
+
+def test_files_are_readable_by_the_runners_group_only(
+    vault: Vault, tenant: str, sidecar: Sidecar
+) -> None:
+    """The runner is another uid in the broker's group (deploy/kubernetes): 0750 / 0440."""
+    issue(vault, tenant, "modes-1")
+    prepared = sidecar.client.prepare("modes-1")
+    assert oct(prepared.directory.stat().st_mode & 0o777) == "0o750"
+    for name in ("env", "env.json", "mcp.json", "manifest.json"):
+        assert oct((prepared.directory / name).stat().st_mode & 0o777) == "0o440"

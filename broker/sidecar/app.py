@@ -48,7 +48,7 @@ class SidecarOptions:
 def _check_out_dir(options: RunOptions) -> None:
     out = options.out_dir
     try:
-        out.mkdir(mode=0o700, parents=True, exist_ok=True)
+        out.mkdir(mode=0o750, parents=True, exist_ok=True)
     except OSError as exc:
         raise RenderError(f"--out {out}: cannot create ({exc.strerror})") from None
     if not options.allow_disk and not is_memory_backed(out):
@@ -144,5 +144,9 @@ async def serve(settings: VaultSettings, layout: Layout, options: SidecarOptions
 
 
 def run_sidecar(settings: VaultSettings, layout: Layout, options: SidecarOptions) -> int:
-    options = replace(options, pod=options.pod or os.environ.get("POD_NAME") or os.uname().nodename)
+    options = replace(
+        options,
+        pod=options.pod or os.environ.get("POD_NAME") or os.uname().nodename,
+        run=replace(options.run, group_readable=True),
+    )
     return asyncio.run(serve(settings, layout, options))

@@ -128,7 +128,8 @@ class ExecutionManager:
         self.executions[execution_id] = execution
         started = time.perf_counter()
         try:
-            await self._prepare(execution)
+            # Shielded: a caller that goes away must not leave a half-prepared execution behind.
+            await asyncio.shield(self._prepare(execution))
         except BaseException as exc:
             del self.executions[execution_id]
             self._metrics.errors.labels(type(exc).__name__).inc()
