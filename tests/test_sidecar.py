@@ -461,3 +461,14 @@ def test_files_are_readable_by_the_runners_group_only(
     assert oct(prepared.directory.stat().st_mode & 0o777) == "0o750"
     for name in ("env", "env.json", "mcp.json", "manifest.json"):
         assert oct((prepared.directory / name).stat().st_mode & 0o777) == "0o440"
+
+
+def test_second_signal_forces_exit(vault: Vault, tenant: str, sidecar: Sidecar) -> None:
+    for n in range(20):
+        issue(vault, tenant, f"force-{n}")
+        sidecar.client.prepare(f"force-{n}")
+    sidecar.process.send_signal(signal.SIGTERM)
+    time.sleep(0.02)
+    sidecar.process.send_signal(signal.SIGINT)
+    assert sidecar.process.wait(30) == 130
+    assert any(e["msg"] == "second signal: exiting now" for e in sidecar.events())
