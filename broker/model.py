@@ -509,6 +509,8 @@ def format_errors(error: pydantic.ValidationError) -> list[str]:
                 reason += f" ({_HINTS['ApiResourceReference']})"
         elif kind == "missing":
             reason = "is required"
+        elif kind == "string_type":
+            reason = "must be a string (quote numbers and booleans in YAML)"
         else:
             reason = str(item["msg"]).removeprefix("Value error, ")
         problems.append(f"{where}: {reason}")
