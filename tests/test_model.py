@@ -160,6 +160,11 @@ BAD_INPUTS: list[tuple[str, dict[str, Any], str]] = [
         _environment({"A": {"value": "x", "secret": True}}),
         "spec.data.A.secret: unknown field",
     ),
+    (
+        "unquoted number",
+        _environment({"A": {"value": 30}}),
+        "spec.data.A.value: must be a string (quote numbers and booleans in YAML)",
+    ),
     ("env name", _environment({}, name="../etc"), "metadata.name"),
     (
         "platform scope env",
