@@ -497,7 +497,10 @@ def cmd_sidecar(args: argparse.Namespace) -> int:
         raise ConfigError("the sidecar logs in with --auth jwt, kubernetes or approle")
     settings = VaultSettings.from_env(need_token=False)
     if settings.token:
-        logs.event("ignoring VAULT_TOKEN: the sidecar logs in with its own identity", level=30)
+        raise ConfigError(
+            "the sidecar must not have a Vault token in its environment: unset VAULT_TOKEN "
+            "and BAO_TOKEN (it logs in with its own identity)"
+        )
     options = SidecarOptions(
         run=_run_options(args, "sidecar", Path(args.out)),
         socket=Path(args.socket),

@@ -391,6 +391,7 @@ def test_startup_deadline_with_vault_unreachable(tenant: str, tmp_path: Path, sh
 
 def test_disk_backed_out_is_refused_at_startup(vault: Vault, tenant: str, tmp_path: Path) -> None:
     environ = vault.environ()
+    environ.pop("VAULT_TOKEN")
     result = subprocess.run(
         [sys.executable, "-m", "broker.cli", "sidecar", "--tenant", tenant, "--socket", str(tmp_path / "s.sock"),
          "--out", str(tmp_path / "out"), "--jwt-file", str(vault.jwt_for(tenant, tmp_path)), "--metrics-addr", ""],
@@ -472,3 +473,16 @@ def test_second_signal_forces_exit(vault: Vault, tenant: str, sidecar: Sidecar) 
     sidecar.process.send_signal(signal.SIGINT)
     assert sidecar.process.wait(30) == 130
     assert any(e["msg"] == "second signal: exiting now" for e in sidecar.events())
+
+
+def test_refuses_a_vault_token_in_its_environment(
+    vault: Vault, tenant: str, tmp_path: Path, shm: Path
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "broker.cli", "sidecar", "--tenant", tenant, "--socket", str(shm / "t.sock"),
+         "--out", str(shm / "o"), "--jwt-file", str(vault.jwt_for(tenant, tmp_path)), "--metrics-addr", ""],
+        env=vault.environ(), capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "must not have a Vault token in its environment" in result.stderr
+    assert vault.server.token not in result.stderr
