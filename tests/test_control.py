@@ -128,7 +128,7 @@ def test_execution_create_merges_on_ciphertext(vault: Vault, tenant: str) -> Non
     for name in ("GITHUB_TOKEN", "SLACK_WEBHOOK", "SPECIAL_TOKEN"):
         assert data[name]["value"].startswith("vault:v1:"), name
     metadata = vault.admin.get(f"stigmer/metadata/execution-contexts/{tenant}/exec-merge-1")["data"]
-    assert metadata["delete_version_after"] == "5m0s"
+    assert metadata["delete_version_after"] == "5m1s"  # the TTL plus a second of slack
 
 
 def test_sticky_secret_plain_override_is_encrypted(vault: Vault, tenant: str) -> None:

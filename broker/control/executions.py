@@ -7,6 +7,7 @@ nothing in Vault. The only writes are the context (check-and-set 0) and its meta
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -169,7 +170,10 @@ class ExecutionIssuer:
         resolve_servers(servers, merged, allow_secret_in_args)  # fail closed before any write
 
         merged = self._seal(tenant, merged)
-        expires_at = (datetime.now(UTC) + ttl).replace(microsecond=0)
+        exact = datetime.now(UTC) + ttl  # shown to the second, rounded up: never shorter
+        expires_at = exact.replace(microsecond=0) + (
+            timedelta(seconds=1) if exact.microsecond else timedelta(0)
+        )
         context = parse_resource(
             {
                 "api_version": API_VERSION,
@@ -198,7 +202,7 @@ class ExecutionIssuer:
             ) from None
         try:
             self._kv.write_metadata(
-                path, delete_version_after=f"{int(ttl.total_seconds())}s", max_versions=1
+                path, delete_version_after=f"{math.ceil(ttl.total_seconds()) + 1}s", max_versions=1
             )
         except BrokerError:
             self._kv.destroy(path)

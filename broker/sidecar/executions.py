@@ -10,6 +10,7 @@ decrypts, and at the end destroys the context, releases the claim and revokes it
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -148,8 +149,9 @@ class ExecutionManager:
             raise BrokerError("the sidecar is not logged in")
         context = await asyncio.to_thread(session.read_context, token.client)
         expires_at = context.spec.expires_at
-        remaining = int((expires_at - datetime.now(UTC)).total_seconds()) if expires_at else 3600
-        if remaining < 1:
+        left = (expires_at - datetime.now(UTC)).total_seconds() if expires_at else 3600.0
+        remaining = math.ceil(left)
+        if left <= 0:
             raise ValidationError(f"execution {execution.id}", ["context has expired"])
         token = await self._identity.ensure_lifetime(remaining + 5)
         lease = await asyncio.to_thread(
