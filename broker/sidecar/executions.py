@@ -128,19 +128,24 @@ class ExecutionManager:
         )
         self.executions[execution_id] = execution
         started = time.perf_counter()
-        try:
-            # Shielded: a caller that goes away must not leave a half-prepared execution behind.
-            await asyncio.shield(self._prepare(execution))
-        except BaseException as exc:
-            del self.executions[execution_id]
-            self._metrics.errors.labels(type(exc).__name__).inc()
-            raise
-        finally:
-            execution.ready.set()
+        # The work runs as its own task: a caller that goes away (cancelled request) does not
+        # stop it halfway; a finished execution stays registered and is ended later as usual.
+        task = asyncio.ensure_future(self._prepare(execution))
+        task.add_done_callback(lambda done: self._prepared(execution, started, done))
+        await asyncio.shield(task)
+        return True, execution
+
+    def _prepared(self, execution: Execution, started: float, task: asyncio.Future[None]) -> None:
+        execution.ready.set()
+        error = None if task.cancelled() else task.exception()
+        if task.cancelled() or error is not None:
+            self.executions.pop(execution.id, None)
+            name = "CancelledError" if error is None else type(error).__name__
+            self._metrics.errors.labels(name).inc()
+            return
         self._metrics.prepare_seconds.observe(time.perf_counter() - started)
         self._metrics.started.inc()
         self._metrics.active.inc()
-        return True, execution
 
     async def _prepare(self, execution: Execution) -> None:
         session = execution.session
