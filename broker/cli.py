@@ -25,9 +25,11 @@ from broker.errors import BrokerError, ConfigError, ValidationError
 from broker.model import (
     API_VERSION,
     Agent,
+    AgentExecution,
     AgentInstance,
     Environment,
     Workflow,
+    WorkflowExecution,
     WorkflowInstance,
     load_documents,
     load_resource,
@@ -422,7 +424,20 @@ def cmd_execution_create(args: argparse.Namespace) -> int:
         if args.instance
         else None
     )
-    runtime = {k: RuntimeValue(v, s) for k, (v, s) in collect_values(args).items()}
+    runtime: dict[str, RuntimeValue] = {}
+    if args.execution:
+        execution: AgentExecution | WorkflowExecution = (
+            load_resource(Path(args.execution), AgentExecution)
+            if isinstance(template, Agent)
+            else load_resource(Path(args.execution), WorkflowExecution)
+        )
+        runtime = {
+            k: RuntimeValue(v.value, v.is_secret) for k, v in execution.spec.runtime_env.items()
+        }
+    # The flags override the execution file's runtime_env; secret-ness stays sticky.
+    for key, (value, secret) in collect_values(args).items():
+        earlier = runtime.get(key)
+        runtime[key] = RuntimeValue(value, secret or (earlier is not None and earlier.is_secret))
     issued = _issuer().create(
         args.tenant,
         template,
@@ -677,6 +692,11 @@ def build_parser() -> argparse.ArgumentParser:
     template.add_argument("--agent", metavar="FILE")
     template.add_argument("--workflow", metavar="FILE")
     p.add_argument("--instance", metavar="FILE", help="AgentInstance or WorkflowInstance")
+    p.add_argument(
+        "--execution",
+        metavar="FILE",
+        help="AgentExecution or WorkflowExecution whose runtime_env is the runtime layer",
+    )
     p.add_argument(
         "--environment",
         action="append",

@@ -344,3 +344,29 @@ def test_secret_prompt_does_not_echo(vault: Vault, tenant: str) -> None:
 
     transit = Transit(vault.admin, vault.layout.transit_mount)
     assert transit.decrypt(vault.layout.transit_key(tenant), [stored.value]) == [canary]
+
+
+def test_cli_execution_file_is_the_runtime_layer(vault: Vault, tenant: str, tmp_path: Path) -> None:
+    agent_file = tmp_path / "agent.yaml"
+    agent_file.write_text(yaml.safe_dump(agent({"ORG": {}}).model_dump(mode="json")))
+    execution_file = tmp_path / "execution.yaml"
+    execution_file.write_text(
+        "apiVersion: agentic.stigmer.ai/v1\nkind: AgentExecution\nmetadata: {}\n"
+        "spec:\n  agentId: reviewer\n  message: Review PR 123\n"
+        "  runtimeEnv:\n    ORG: {value: other-org}\n    KEY: {value: k, isSecret: true}\n"
+    )
+    created = cli(
+        vault, "execution", "create", "--tenant", tenant, "--agent", str(agent_file),
+        "--execution", str(execution_file), "--env", "KEY=flag-wins", "--id", "exf-1", "-o", "json",
+    )  # fmt: skip
+    assert created.returncode == 0, created.stderr
+    assert json.loads(created.stdout)["variables"] == {
+        "KEY": {"secret": True},
+        "ORG": {"secret": False},
+    }
+    data = raw(vault, f"execution-contexts/{tenant}/exf-1")["spec"]["data"]
+    assert data["ORG"]["value"] == "other-org"
+    assert data["KEY"]["value"].startswith("vault:v1:")  # still secret: sticky
+    wrong = cli(vault, "execution", "create", "--tenant", tenant, "--agent", str(agent_file),
+                "--execution", str(agent_file))  # fmt: skip
+    assert wrong.returncode == 2 and "expected AgentExecution, got Agent" in wrong.stderr
