@@ -84,6 +84,23 @@ class Cleanup:
         }
 
 
+def login_as_runner(client: VaultClient, layout: Layout, options: RunOptions) -> Login:
+    """One login with the runner's own identity (JWT, Kubernetes or AppRole), exactly once."""
+    if options.auth in ("jwt", "kubernetes"):
+        mount = layout.jwt_mount if options.auth == "jwt" else layout.kubernetes_mount
+        role = options.role or layout.runner_role
+        return jwt_login(client, mount, role, read_jwt(options.jwt_file), method=options.auth)
+    if options.auth == "approle":
+        if options.role_id_file is None or options.secret_id_file is None:
+            raise ConfigError("--auth approle needs --role-id-file and --secret-id-file")
+        role = options.role or layout.approle_role(options.tenant)
+        role_id = read_credential_file("--role-id-file", options.role_id_file)
+        wrapped = read_credential_file("--secret-id-file", options.secret_id_file)
+        secret_id = unwrap_secret_id(client, wrapped, layout.approle_mount, role)
+        return approle_login(client, layout.approle_mount, role_id, secret_id)
+    raise ConfigError(f"--auth {options.auth} is not a runner identity")
+
+
 class ExecutionSession:
     """One execution on the runner side: its token, its context, its files."""
 
@@ -119,16 +136,10 @@ class ExecutionSession:
     def authenticate(self) -> None:
         """Obtain this execution's token: a login (JWT, Kubernetes, AppRole) or a child token."""
         options = self.options
-        if options.auth in ("jwt", "kubernetes"):
-            layout = self._layout
-            mount = layout.jwt_mount if options.auth == "jwt" else layout.kubernetes_mount
-            role = options.role or layout.runner_role
-            jwt = read_jwt(options.jwt_file)
-            self.login = jwt_login(self._client, mount, role, jwt, method=options.auth)
-        elif options.auth == "approle":
-            self.login = self._approle_login()
-        else:
+        if options.auth == "token":
             self.login = self._child_of_given_token()
+        else:
+            self.login = login_as_runner(self._client, self._layout, options)
         self.vault = self._client.with_token(self.login.token)
         logs.event(
             "logged in",
@@ -152,17 +163,6 @@ class ExecutionSession:
             f"stigmer-run-{options.execution_id}",
             {"execution_id": options.execution_id, "tenant": options.tenant},
         )
-
-    def _approle_login(self) -> Login:
-        options = self.options
-        if options.role_id_file is None or options.secret_id_file is None:
-            raise ConfigError("--auth approle needs --role-id-file and --secret-id-file")
-        role = options.role or self._layout.approle_role(options.tenant)
-        mount = self._layout.approle_mount
-        role_id = read_credential_file("--role-id-file", options.role_id_file)
-        wrapping_token = read_credential_file("--secret-id-file", options.secret_id_file)
-        secret_id = unwrap_secret_id(self._client, wrapping_token, mount, role)
-        return approle_login(self._client, mount, role_id, secret_id)
 
     def use_token(self, login: Login) -> None:
         """Use a token obtained elsewhere (the sidecar's per-execution lease)."""

@@ -20,10 +20,9 @@ from dataclasses import dataclass
 from broker import logs
 from broker.config import Layout
 from broker.errors import BrokerError, IdentityError
-from broker.runner import RunOptions
+from broker.runner import RunOptions, login_as_runner
 from broker.sidecar.metrics import Metrics
-from broker.vault import Login, VaultClient, approle_login, jwt_login, revoke_self
-from broker.vault.auth import read_credential_file, read_jwt, unwrap_secret_id
+from broker.vault import Login, VaultClient, revoke_self
 
 RENEW_AT = 2 / 3
 
@@ -58,30 +57,14 @@ class Identity:
 
     # --- login --------------------------------------------------------------------------------
 
-    def _login_once(self) -> Login:
-        options, layout = self._options, self._layout
-        if options.auth in ("jwt", "kubernetes"):
-            mount = layout.jwt_mount if options.auth == "jwt" else layout.kubernetes_mount
-            role = options.role or layout.runner_role
-            return jwt_login(
-                self._client, mount, role, read_jwt(options.jwt_file), method=options.auth
-            )
-        if options.auth == "approle":
-            if options.role_id_file is None or options.secret_id_file is None:
-                raise IdentityError("--auth approle needs --role-id-file and --secret-id-file")
-            role = options.role or layout.approle_role(options.tenant)
-            role_id = read_credential_file("--role-id-file", options.role_id_file)
-            wrapped = read_credential_file("--secret-id-file", options.secret_id_file)
-            secret_id = unwrap_secret_id(self._client, wrapped, layout.approle_mount, role)
-            return approle_login(self._client, layout.approle_mount, role_id, secret_id)
-        raise IdentityError(f"--auth {options.auth} is not supported by the sidecar")
-
     async def login(self, deadline: float | None = None) -> Token:
         """Log in; with a deadline, retry retryable failures with full-jitter backoff."""
         attempt = 0
         while True:
             try:
-                login = await asyncio.to_thread(self._login_once)
+                login = await asyncio.to_thread(
+                    login_as_runner, self._client, self._layout, self._options
+                )
             except IdentityError as exc:
                 self._metrics.logins.labels("failed").inc()
                 if deadline is None or not exc.retryable or time.monotonic() >= deadline:
