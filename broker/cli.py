@@ -180,12 +180,11 @@ def cmd_setup(args: argparse.Namespace) -> int:
         Bootstrap,
         JwtSettings,
         KubernetesSettings,
-        read_public_keys,
     )
 
     client = _client()  # settings first: a bad invocation creates nothing
     if args.jwt_public_key:
-        keys = read_public_keys(args.jwt_public_key)
+        keys = tuple(_read_text("--jwt-public-key", Path(p)) for p in args.jwt_public_key)
     else:
         key = _identity_key(args)
         if not key.exists():

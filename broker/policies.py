@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from string import Template
 
 from broker.config import Layout
@@ -42,11 +42,6 @@ class IdentitySources:
         if self.approle:
             out["approle"] = "{{identity.entity.metadata.tenant}}"
         return out
-
-
-@dataclass(frozen=True)
-class RenderedPolicies:
-    texts: Mapping[str, str] = field(default_factory=dict)
 
 
 def _substitute(name: str, text: str, values: Mapping[str, str]) -> str:

@@ -121,8 +121,11 @@ class ExecutionSession:
     def _context_path(self) -> str:
         return self._layout.context_path(self.options.tenant, self.options.execution_id)
 
-    def _read_context(self, client: VaultClient) -> ExecutionContext:
+    def read_context(self, client: VaultClient | None = None) -> ExecutionContext:
+        """The context, checked for tenant and expiry, read with ``client`` (default: this
+        execution's token)."""
         options = self.options
+        client = client or self.vault or self._client
         context = read_context(client, self._layout, options.tenant, options.execution_id)
         spec = context.spec
         if spec.tenant and spec.tenant != self.options.tenant:
@@ -153,7 +156,7 @@ class ExecutionSession:
         options = self.options
         if not self._client.token:
             raise ConfigError("--auth token needs VAULT_TOKEN (or BAO_TOKEN)")
-        context = self._read_context(self._client)
+        context = self.read_context(self._client)
         remaining = 3600
         if context.spec.expires_at:
             remaining = int((context.spec.expires_at - datetime.now(UTC)).total_seconds())
@@ -169,15 +172,11 @@ class ExecutionSession:
         self.login = login
         self.vault = self._client.with_token(login.token)
 
-    def read_context(self, client: VaultClient | None = None) -> ExecutionContext:
-        """The context, read with ``client`` (default: this execution's token)."""
-        return self._read_context(client or self.vault or self._client)
-
     def prepare(self, context: ExecutionContext | None = None) -> RenderedFiles:
         """Read, decrypt, resolve and render; nothing is written before all of it succeeded."""
         assert self.vault is not None, "authenticate() first"
         options = self.options
-        self.context = context = context or self._read_context(self.vault)
+        self.context = context = context or self.read_context()
         secret_names = [n for n, v in context.spec.data.items() if v.is_secret]
         plaintexts = Transit(self.vault, self._layout.transit_mount).decrypt(
             self._layout.transit_key(options.tenant),

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from broker import ids, policies
@@ -282,13 +281,3 @@ def _same(current: Any, wanted: Any) -> bool:
 
 def _norm(value: Any) -> Any:
     return value.strip() if isinstance(value, str) else value
-
-
-def read_public_keys(paths: Sequence[str]) -> tuple[str, ...]:
-    keys = []
-    for path in paths:
-        try:
-            keys.append(Path(path).read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise ConfigError(f"--jwt-public-key {path}: cannot read ({exc.strerror})") from None
-    return tuple(keys)

@@ -133,43 +133,41 @@ def build_app(
         execution = await manager.end(request.match_info["id"], "deleted", request[PEER_UID])
         return web.json_response(execution.describe())
 
-    async def healthz(request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
-
-    async def readyz(request: web.Request) -> web.Response:
-        ready = identity.alive()
-        return web.json_response(
-            {"ready": ready, "active_executions": len(manager.active())},
-            status=200 if ready else 503,
-        )
-
     app = web.Application(middlewares=[peer_check], client_max_size=8 * 1024 * 1024)
     app.router.add_put("/v1/executions/{id}", put_execution)
     app.router.add_get("/v1/executions/{id}", get_execution)
     app.router.add_get("/v1/executions", list_executions)
     app.router.add_post("/v1/executions/{id}/resolve", resolve)
     app.router.add_delete("/v1/executions/{id}", delete_execution)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
+    _add_probes(app, manager, identity)
     return app
 
 
-def build_metrics_app(metrics: Metrics, identity: Identity) -> web.Application:
-    """``/metrics`` for Prometheus, plus ``/healthz`` and ``/readyz`` for Kubernetes probes
-    (kubelet probes cannot reach a Unix socket)."""
-
-    async def serve(request: web.Request) -> web.Response:
-        return web.Response(body=metrics.render(), content_type="text/plain", charset="utf-8")
+def _add_probes(app: web.Application, manager: ExecutionManager, identity: Identity) -> None:
+    """``/healthz`` (process alive) and ``/readyz`` (logged in with a live token)."""
 
     async def healthz(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
     async def readyz(request: web.Request) -> web.Response:
         ready = identity.alive()
-        return web.json_response({"ready": ready}, status=200 if ready else 503)
+        body = {"ready": ready, "active_executions": len(manager.active())}
+        return web.json_response(body, status=200 if ready else 503)
+
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+
+
+def build_metrics_app(
+    metrics: Metrics, manager: ExecutionManager, identity: Identity
+) -> web.Application:
+    """``/metrics`` for Prometheus, and the same probes as the socket for Kubernetes (kubelet
+    probes cannot reach a Unix socket)."""
+
+    async def serve(request: web.Request) -> web.Response:
+        return web.Response(body=metrics.render(), content_type="text/plain", charset="utf-8")
 
     app = web.Application()
     app.router.add_get("/metrics", serve)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
+    _add_probes(app, manager, identity)
     return app

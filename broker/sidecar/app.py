@@ -93,7 +93,9 @@ async def serve(settings: VaultSettings, layout: Layout, options: SidecarOptions
     metrics_runner: web.AppRunner | None = None
     if options.metrics_addr:
         host, _, port = options.metrics_addr.rpartition(":")
-        metrics_runner = web.AppRunner(build_metrics_app(metrics, identity), access_log=None)
+        metrics_runner = web.AppRunner(
+            build_metrics_app(metrics, manager, identity), access_log=None
+        )
         await metrics_runner.setup()
         await web.TCPSite(metrics_runner, host or "127.0.0.1", int(port)).start()
 
