@@ -26,6 +26,7 @@ class Redactor:
 
     def __init__(self) -> None:
         self._forms: set[str] = set()
+        self._ordered: tuple[str, ...] = ()  # longest first, rebuilt only when forms are added
         self._lock = threading.Lock()
 
     def add(self, values: Iterable[str]) -> None:
@@ -46,12 +47,13 @@ class Redactor:
                 }
             )
         with self._lock:
-            self._forms |= {f for f in forms if f}
+            new = {f for f in forms if f} - self._forms
+            if new:
+                self._forms |= new
+                self._ordered = tuple(sorted(self._forms, key=len, reverse=True))
 
     def scrub(self, text: str) -> str:
-        with self._lock:
-            forms = sorted(self._forms, key=len, reverse=True)
-        for form in forms:
+        for form in self._ordered:
             if form in text:
                 text = text.replace(form, REDACTED)
         return text
