@@ -43,6 +43,12 @@ class Vault:
         environ.update(extra)
         return environ
 
+    def runner_role_like(self, name: str, **changes: int) -> None:
+        """A copy of the stigmer-runner JWT role with some fields changed (e.g. short TTLs)."""
+        role = self.admin.get("auth/jwt/role/stigmer-runner")["data"]
+        role.update(changes)
+        self.admin.post(f"auth/jwt/role/{name}", role)
+
     def jwt_for(self, tenant: str, tmp_path: Path, **claims: object) -> Path:
         path = tmp_path / f"{tenant}.jwt"
         path.write_text(identity.mint_token(self.identity_key, tenant, **claims))  # type: ignore[arg-type]
@@ -100,6 +106,17 @@ def cli(
         timeout=60,
         check=False,
     )
+
+
+def start_run(
+    vault: Vault, tenant: str, execution_id: str, out: Path, jwt: Path, child: str
+) -> subprocess.Popen[str]:
+    """`stigmer-broker run ... -- python -c CHILD` in the background, output captured."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "broker.cli", "run", "--tenant", tenant, "--execution", execution_id,
+         "--out", str(out), "--jwt-file", str(jwt), "--", sys.executable, "-c", child],
+        env=vault.environ(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
 
 
 def context_paths(vault: Vault, tenant: str) -> list[str]:

@@ -6,7 +6,6 @@ import base64
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 from urllib.parse import quote
@@ -16,7 +15,7 @@ import yaml
 
 from broker.errors import BrokerError
 from broker.logs import REDACTOR, JsonFormatter
-from tests.conftest import Vault, cli
+from tests.conftest import Vault, cli, start_run
 
 CANARIES = {
     "ENV_SECRET": "cnry-env-7f3a9c1e-do-not-leak",
@@ -127,12 +126,7 @@ def test_canaries_never_leak(
         "time.sleep(1.5)\n"
     )
     out = shm / "out"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "broker.cli", "run", "--tenant", tenant, "--execution", "canary-1",
-         "--out", str(out), "--jwt-file", str(vault.jwt_for(tenant, tmp_path)), "--",
-         sys.executable, "-c", child],
-        env=vault.environ(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    process = start_run(vault, tenant, "canary-1", out, vault.jwt_for(tenant, tmp_path), child)
     deadline = time.monotonic() + 20
     while not marker.exists() and time.monotonic() < deadline:
         time.sleep(0.05)

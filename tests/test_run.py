@@ -6,7 +6,6 @@ import hashlib
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from datetime import timedelta
@@ -20,7 +19,7 @@ from broker.control.executions import ExecutionIssuer, RuntimeValue
 from broker.errors import PermissionDenied, ValidationError, VaultError
 from broker.runner import ExecutionSession, RunOptions, run
 from broker.vault import KV, VaultClient, lookup_self
-from tests.conftest import Vault, cli, context_paths
+from tests.conftest import Vault, cli, context_paths, start_run
 from tests.test_control import agent, environment, instance
 
 CHILD = r"""
@@ -142,12 +141,7 @@ def test_sigterm_is_forwarded_and_everything_cleaned(
         "p.write_text('ready')\n"
         "time.sleep(60)\n"
     )
-    process = subprocess.Popen(
-        [sys.executable, "-m", "broker.cli", "run", "--tenant", tenant, "--execution", "sig-1",
-         "--out", str(shm), "--jwt-file", str(vault.jwt_for(tenant, tmp_path)), "--",
-         sys.executable, "-c", child],
-        env=vault.environ(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    process = start_run(vault, tenant, "sig-1", shm, vault.jwt_for(tenant, tmp_path), child)
     deadline = time.monotonic() + 20
     while not (marker.exists() and marker.read_text() == "ready") and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -306,9 +300,7 @@ def test_long_command_outlives_the_login_ttl(
     vault: Vault, tenant: str, shm: Path, tmp_path: Path
 ) -> None:
     """The runner renews its token, so cleanup still works after the first TTL ran out."""
-    role = vault.admin.get("auth/jwt/role/stigmer-runner")["data"]
-    role.update(token_ttl=2, token_max_ttl=60)
-    vault.admin.post("auth/jwt/role/short-ttl", role)
+    vault.runner_role_like("short-ttl", token_ttl=2, token_max_ttl=60)
     issue(vault, tenant, "long-1")
     run_session = session(
         vault, tenant, "long-1", shm, vault.jwt_for(tenant, tmp_path), role="short-ttl"

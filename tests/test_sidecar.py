@@ -404,9 +404,7 @@ def test_renews_and_logs_in_again_at_max_ttl(
     vault: Vault, tenant: str, tmp_path: Path, shm: Path
 ) -> None:
     """TTL 2 s, max 5 s: renewals keep it alive, then a fresh login when renewal stops helping."""
-    role = vault.admin.get("auth/jwt/role/stigmer-runner")["data"]
-    role.update(token_ttl=2, token_max_ttl=5)
-    vault.admin.post("auth/jwt/role/sidecar-short", role)
+    vault.runner_role_like("sidecar-short", token_ttl=2, token_max_ttl=5)
     running = start_sidecar(
         vault, tenant, tmp_path, shm, "--role", "sidecar-short", "--login-max-ttl", "5s", name="r"
     )
