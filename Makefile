@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test lint typecheck unit clean bench
+.PHONY: venv demo test lint typecheck unit pytest clean bench
 
 venv: $(STAMP)
 
@@ -25,10 +25,15 @@ lint: venv
 typecheck: venv
 	$(BIN)/mypy
 
+# The fast subset: no Vault server, no subprocess.
 unit: venv
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest
+	$(BIN)/pytest -m unit -q
 
-test: lint typecheck unit
+# Everything, in parallel (one dev server per worker).
+pytest: venv
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest -n auto
+
+test: lint typecheck pytest
 
 clean:
 	rm -rf $(VENV) .vault-dev .mypy_cache .ruff_cache .pytest_cache

@@ -20,7 +20,6 @@ import json
 import socket
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -28,62 +27,12 @@ from urllib.parse import quote
 
 import aiohttp
 
-from broker.errors import BrokerError
+from broker.errors import BrokerClientError
+from broker.protocol import ExecutionAnswer
 
 DEFAULT_SOCKET = "/run/stigmer/broker.sock"
-
-
-class BrokerClientError(BrokerError):
-    """The sidecar answered with an error; ``status`` is the HTTP status."""
-
-    def __init__(self, status: int, message: str) -> None:
-        self.status = status
-        super().__init__(f"sidecar answered {status}: {message}")
-
-
-@dataclass(frozen=True)
-class PreparedExecution:
-    id: str
-    state: str
-    expires_at: str | None
-    files: dict[str, str]
-    variables: dict[str, dict[str, bool]]
-
-    @property
-    def mcp_config(self) -> Path:
-        return Path(self.files["mcp_json"])
-
-    @property
-    def env_file(self) -> Path:
-        return Path(self.files["env"])
-
-    @property
-    def env_json(self) -> Path:
-        return Path(self.files["env_json"])
-
-    @property
-    def directory(self) -> Path:
-        return Path(self.files["directory"])
-
-    def environ(self) -> dict[str, str]:
-        """The variables as an environment for a child process (read from ``env.json``)."""
-        values: dict[str, str] = json.loads(self.env_json.read_text(encoding="utf-8"))
-        return {
-            **values,
-            "STIGMER_EXECUTION_ID": self.id,
-            "STIGMER_MCP_CONFIG": str(self.mcp_config),
-            "STIGMER_ENV_FILE": str(self.env_file),
-        }
-
-    @classmethod
-    def from_answer(cls, answer: dict[str, Any]) -> PreparedExecution:
-        return cls(
-            id=answer["id"],
-            state=answer["state"],
-            expires_at=answer.get("expires_at"),
-            files=answer.get("files") or {},
-            variables=answer.get("variables") or {},
-        )
+PreparedExecution = ExecutionAnswer  # what `prepare` returns: paths, names, flags
+__all__ = ["AsyncBrokerClient", "BrokerClient", "BrokerClientError", "PreparedExecution"]
 
 
 def _path(execution_id: str, suffix: str = "") -> str:
@@ -94,9 +43,10 @@ def _check(status: int, body: bytes) -> Any:
     try:
         answer = json.loads(body) if body else {}
     except ValueError:
-        answer = {"error": body.decode(errors="replace")[:200]}
+        answer = {}
     if status >= 400:
-        raise BrokerClientError(status, str(answer.get("error", "error")))
+        detail = answer.get("detail") if isinstance(answer, dict) else None
+        raise BrokerClientError(status, str(detail or "error"))
     return answer
 
 
@@ -131,7 +81,7 @@ class BrokerClient:
             connection.close()
 
     def prepare(self, execution_id: str) -> PreparedExecution:
-        return PreparedExecution.from_answer(self._request("PUT", _path(execution_id)))
+        return ExecutionAnswer.from_json(self._request("PUT", _path(execution_id)))
 
     def get(self, execution_id: str) -> dict[str, Any]:
         answer: dict[str, Any] = self._request("GET", _path(execution_id))
@@ -198,7 +148,7 @@ class AsyncBrokerClient:
             return _check(response.status, await response.read())
 
     async def prepare(self, execution_id: str) -> PreparedExecution:
-        return PreparedExecution.from_answer(await self._request("PUT", _path(execution_id)))
+        return ExecutionAnswer.from_json(await self._request("PUT", _path(execution_id)))
 
     async def get(self, execution_id: str) -> dict[str, Any]:
         answer: dict[str, Any] = await self._request("GET", _path(execution_id))

@@ -1,12 +1,18 @@
-"""Settings read once: where Vault is, which token to use, and the Vault layout."""
+"""Settings read once at start: where Vault is and how to reach it, and the Vault layout.
+
+``VaultSettings.from_env`` reads what the Vault CLI reads, in both spellings (``VAULT_*`` wins
+over ``BAO_*``): address, token, TLS material, server name and namespace. ``VAULT_ADDR`` may list
+several servers separated by commas (an HA cluster without a load balancer).
+"""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
-from broker import ids
+from broker import names
 from broker.errors import ConfigError
 
 
@@ -33,40 +39,93 @@ class Layout:
         )
 
     def environment_path(self, tenant: str, name: str) -> str:
-        return f"environments/{ids.tenant(tenant)}/{ids.environment_name(name)}"
+        return f"environments/{names.tenant(tenant)}/{names.environment_name(name)}"
 
     def environments_dir(self, tenant: str) -> str:
-        return f"environments/{ids.tenant(tenant)}"
+        return f"environments/{names.tenant(tenant)}"
+
+    def contexts_dir(self, tenant: str) -> str:
+        return f"execution-contexts/{names.tenant(tenant)}"
 
     def context_path(self, tenant: str, execution_id: str) -> str:
-        return f"execution-contexts/{ids.tenant(tenant)}/{ids.execution_id(execution_id)}"
+        return f"{self.contexts_dir(tenant)}/{names.execution_id(execution_id)}"
+
+    def claims_dir(self, tenant: str) -> str:
+        return f"execution-claims/{names.tenant(tenant)}"
 
     def claim_path(self, tenant: str, execution_id: str) -> str:
-        return f"execution-claims/{ids.tenant(tenant)}/{ids.execution_id(execution_id)}"
+        return f"{self.claims_dir(tenant)}/{names.execution_id(execution_id)}"
 
     def approle_role(self, tenant: str) -> str:
-        return f"{self.runner_role}-{ids.tenant(tenant)}"
+        return f"{self.runner_role}-{names.tenant(tenant)}"
 
     def transit_key(self, tenant: str) -> str:
-        return f"env-{ids.tenant(tenant)}"
+        return f"env-{names.tenant(tenant)}"
+
+
+def _setting(environ: Mapping[str, str], name: str) -> str:
+    return environ.get(f"VAULT_{name}") or environ.get(f"BAO_{name}") or ""
+
+
+def _addresses(text: str) -> tuple[str, ...]:
+    addresses = tuple(a.strip().rstrip("/") for a in text.split(",") if a.strip())
+    for address in addresses:
+        parts = urlsplit(address)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(
+                f"VAULT_ADDR {address!r}: not an http(s) URL",
+                hint="use e.g. https://vault.example.com:8200 (or http:// for a dev server)",
+            )
+    return addresses
 
 
 @dataclass(frozen=True)
 class VaultSettings:
-    """Address and token; VAULT_* and BAO_* are both honoured (VAULT_* wins)."""
+    """Where Vault is and how to talk to it. The token never shows in ``repr``."""
 
-    addr: str
+    addresses: tuple[str, ...]
     token: str = field(default="", repr=False)
     cacert: str = ""
+    capath: str = ""
+    client_cert: str = ""
+    client_key: str = ""
+    tls_server_name: str = ""
+    skip_verify: bool = False
+    namespace: str = ""
+
+    @property
+    def addr(self) -> str:
+        """The first configured address (the one a single-server setup has)."""
+        return self.addresses[0]
 
     @classmethod
     def from_env(
         cls, environ: Mapping[str, str] = os.environ, need_token: bool = True
     ) -> VaultSettings:
-        addr = environ.get("VAULT_ADDR") or environ.get("BAO_ADDR") or ""
-        token = environ.get("VAULT_TOKEN") or environ.get("BAO_TOKEN") or ""
+        addr = _setting(environ, "ADDR")
+        token = _setting(environ, "TOKEN")
         if not addr:
-            raise ConfigError("VAULT_ADDR (or BAO_ADDR) is not set")
+            raise ConfigError(
+                "VAULT_ADDR (or BAO_ADDR) is not set",
+                hint="`source .vault-dev/env` after `dev up`, or export the address of your Vault",
+            )
         if need_token and not token:
             raise ConfigError("VAULT_TOKEN (or BAO_TOKEN) is not set")
-        return cls(addr=addr, token=token, cacert=environ.get("VAULT_CACERT", ""))
+        if bool(_setting(environ, "CLIENT_CERT")) != bool(_setting(environ, "CLIENT_KEY")):
+            raise ConfigError("VAULT_CLIENT_CERT and VAULT_CLIENT_KEY must be set together")
+        return cls(
+            addresses=_addresses(addr),
+            token=token,
+            cacert=_setting(environ, "CACERT"),
+            capath=_setting(environ, "CAPATH"),
+            client_cert=_setting(environ, "CLIENT_CERT"),
+            client_key=_setting(environ, "CLIENT_KEY"),
+            tls_server_name=_setting(environ, "TLS_SERVER_NAME"),
+            skip_verify=_setting(environ, "SKIP_VERIFY").lower() in ("1", "true", "yes"),
+            namespace=_setting(environ, "NAMESPACE").strip("/"),
+        )
+
+    @classmethod
+    def local(cls, addr: str, token: str = "") -> VaultSettings:
+        """Settings for one plain address (dev servers, tests)."""
+        return cls(addresses=_addresses(addr), token=token)

@@ -1,7 +1,10 @@
 """Structured JSON log lines that can never carry a value the broker has decrypted.
 
-Every value registered with :func:`redact_values` is replaced by ``<redacted>`` in each log
-record, in its exact form and its base64, URL-encoded and JSON-escaped forms.
+Every value registered with :data:`REDACTOR` is replaced by ``<redacted>`` in each log record,
+in its exact form and its base64, URL-encoded and JSON-escaped forms. A registration is
+released when its execution ends, so the redactor holds only the values of live executions.
+Scrubbing looks each position of a line up by its first four characters, so its cost does not
+grow with the number of registered values.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import json
 import logging
 import sys
 import threading
+from collections import Counter
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
@@ -18,52 +22,99 @@ from urllib.parse import quote, quote_plus
 
 LOGGER_NAME = "stigmer_broker"
 REDACTED = "<redacted>"
-_MIN_REDACT_LENGTH = 4
+_PREFIX = 4  # values shorter than this are not redacted (too many false hits)
+
+
+def _forms(value: str) -> set[str]:
+    raw = value.encode()
+    forms = {
+        value,
+        base64.b64encode(raw).decode(),
+        base64.urlsafe_b64encode(raw).decode(),
+        base64.b64encode(raw).decode().rstrip("="),
+        quote(value, safe=""),
+        quote_plus(value),
+        json.dumps(value)[1:-1],
+    }
+    return {form for form in forms if len(form) >= _PREFIX}
+
+
+class Registration:
+    """The forms one execution added; ``release()`` removes them again."""
+
+    def __init__(self, redactor: Redactor, forms: Counter[str]) -> None:
+        self._redactor = redactor
+        self._forms: Counter[str] | None = forms
+
+    def release(self) -> None:
+        if self._forms is not None:
+            self._redactor._remove(self._forms)
+            self._forms = None
 
 
 class Redactor:
-    """Holds the secret values seen so far and scrubs them (and their encodings) from text."""
+    """Scrubs registered values (and their encodings) from text."""
 
     def __init__(self) -> None:
-        self._forms: set[str] = set()
-        self._ordered: tuple[str, ...] = ()  # longest first, rebuilt only when forms are added
+        self._counts: Counter[str] = Counter()
+        self._by_prefix: dict[str, set[str]] = {}
         self._lock = threading.Lock()
 
-    def add(self, values: Iterable[str]) -> None:
-        forms = set()
+    def register(self, values: Iterable[str]) -> Registration:
+        forms: Counter[str] = Counter()
         for value in values:
-            if len(value) < _MIN_REDACT_LENGTH:
-                continue
-            raw = value.encode()
-            forms.update(
-                {
-                    value,
-                    base64.b64encode(raw).decode(),
-                    base64.urlsafe_b64encode(raw).decode(),
-                    base64.b64encode(raw).decode().rstrip("="),
-                    quote(value, safe=""),
-                    quote_plus(value),
-                    json.dumps(value)[1:-1],
-                }
-            )
+            if len(value) >= _PREFIX:
+                forms.update(_forms(value))
         with self._lock:
-            new = {f for f in forms if f} - self._forms
-            if new:
-                self._forms |= new
-                self._ordered = tuple(sorted(self._forms, key=len, reverse=True))
+            for form, count in forms.items():
+                if not self._counts[form]:
+                    self._by_prefix.setdefault(form[:_PREFIX], set()).add(form)
+                self._counts[form] += count
+        return Registration(self, forms)
+
+    def _remove(self, forms: Counter[str]) -> None:
+        with self._lock:
+            for form, count in forms.items():
+                self._counts[form] -= count
+                if self._counts[form] <= 0:
+                    del self._counts[form]
+                    bucket = self._by_prefix[form[:_PREFIX]]
+                    bucket.discard(form)
+                    if not bucket:
+                        del self._by_prefix[form[:_PREFIX]]
+
+    def __len__(self) -> int:
+        return len(self._counts)
 
     def scrub(self, text: str) -> str:
-        for form in self._ordered:
-            if form in text:
-                text = text.replace(form, REDACTED)
-        return text
+        index = self._by_prefix
+        if not index:
+            return text
+        out: list[str] = []
+        start = position = 0
+        end = len(text) - _PREFIX + 1
+        while position < end:
+            candidates = index.get(text[position : position + _PREFIX])
+            match = _longest(text, position, candidates) if candidates else ""
+            if match:
+                out.append(text[start:position])
+                out.append(REDACTED)
+                position = start = position + len(match)
+            else:
+                position += 1
+        out.append(text[start:])
+        return "".join(out)
+
+
+def _longest(text: str, position: int, candidates: Iterable[str]) -> str:
+    found = ""
+    for form in list(candidates):
+        if len(form) > len(found) and text.startswith(form, position):
+            found = form
+    return found
 
 
 REDACTOR = Redactor()
-
-
-def redact_values(values: Iterable[str]) -> None:
-    REDACTOR.add(values)
 
 
 class JsonFormatter(logging.Formatter):
@@ -94,10 +145,13 @@ def setup(level: str = "info") -> logging.Logger:
     return logger
 
 
-def get() -> logging.Logger:
-    return logging.getLogger(LOGGER_NAME)
-
-
 def event(message: str, level: int = logging.INFO, **fields: Any) -> None:
     """Log one structured event."""
-    get().log(level, message, extra={"fields": fields})
+    logging.getLogger(LOGGER_NAME).log(level, message, extra={"fields": fields})
+
+
+def security(message: str, event_name: str, **fields: Any) -> None:
+    """A security event: warning level, with a stable ``event`` field to alert on."""
+    logging.getLogger(LOGGER_NAME).log(
+        logging.WARNING, message, extra={"fields": {"event": event_name, **fields}}
+    )

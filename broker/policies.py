@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from string import Template
 
 from broker.config import Layout
-from broker.datafiles import data_dir
+from broker.dev.datafiles import data_dir
 from broker.errors import ConfigError
 
 POLICY_NAMES = ("stigmer-control-plane", "stigmer-runner", "stigmer-reaper", "stigmer-admin")

@@ -13,7 +13,9 @@ The rules (DESIGN.md, "Resolution rules"):
   listing each with the place it appears.
 
 Values are opaque here: secret values may be Transit ciphertext (``sealed``) on the control side
-and plaintext in the sidecar. Nothing in this module looks inside them.
+and plaintext in the sidecar. Nothing in this module looks inside them. MCP servers are plain
+JSON documents in the shape of Stigmer's ``McpServerDefinition`` (``name`` and one of ``stdio``,
+``http``, ``docker``), so the runner side needs no model classes to resolve them.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from broker.errors import ResolveError, ValidationError
-from broker.model import McpServerDefinition
+
+ServerConfig = dict[str, Any]
+SERVER_TYPES = ("stdio", "http", "docker")
 
 PLACEHOLDER = re.compile(r"\$\$\{(?P<escaped>[^{}]*)\}|\$\{(?P<body>[^{}]*)\}")
 _REFERENCE = re.compile(
@@ -191,27 +195,35 @@ def _resolve_field(sub: _Substitution, value: Any, where: str, exposure: str, al
     return value
 
 
+def server_type(server: ServerConfig) -> str:
+    """Which of stdio, http and docker the server is ('' if none)."""
+    return next((kind for kind in SERVER_TYPES if server.get(kind) is not None), "")
+
+
 def resolve_servers(
-    servers: Iterable[McpServerDefinition],
+    servers: Iterable[ServerConfig],
     variables: Mapping[str, Variable],
     allow_secret_in_args: bool = False,
-) -> list[McpServerDefinition]:
+) -> list[ServerConfig]:
     """Resolve every placeholder of the MCP server definitions, failing closed.
 
     Raises :class:`ResolveError` listing every unknown or malformed placeholder and every
     secret headed for argv or a URL, each with the server and field where it appears.
     """
     sub = _Substitution(variables)
-    resolved: list[McpServerDefinition] = []
+    resolved: list[ServerConfig] = []
     for server in servers:
-        kind = server.server_type
-        config = getattr(server, kind).model_dump()
+        kind = server_type(server)
+        config = dict(server[kind])
         for name, exposure in _FIELD_EXPOSURE[kind].items():
-            where = f"mcp server {server.name}: {kind}.{name}"
-            config[name] = _resolve_field(sub, config[name], where, exposure, allow_secret_in_args)
+            if name in config:
+                where = f"mcp server {server['name']}: {kind}.{name}"
+                config[name] = _resolve_field(
+                    sub, config[name], where, exposure, allow_secret_in_args
+                )
         if kind == "http":
-            _check_url(sub, config["url"], f"mcp server {server.name}: http.url")
-        resolved.append(server.model_copy(update={kind: type(getattr(server, kind))(**config)}))
+            _check_url(sub, str(config.get("url", "")), f"mcp server {server['name']}: http.url")
+        resolved.append({**server, kind: config})
     if sub.problems:
         raise ResolveError(sub.problems)
     return resolved

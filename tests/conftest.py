@@ -1,41 +1,51 @@
-"""Fixtures: one real OpenBao dev server per test session, bootstrapped like `dev up` does.
+"""Fixtures: one real OpenBao dev server per test process, bootstrapped like `dev up` does.
 
 No mock of Vault anywhere: every test that needs Vault talks to this server on a free loopback
-port. Each test gets its own tenant (and Transit key) so tests never see each other's data.
+port (one per pytest-xdist worker). Each test gets its own tenant (and Transit key), so tests
+never see each other's data.
 """
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import itertools
 import os
+import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from broker import devserver, identity
 from broker.config import Layout, VaultSettings
 from broker.control.setup import AppRoleSettings, Bootstrap, JwtSettings
-from broker.vault import Transit, VaultClient
+from broker.dev import identity, server
+from broker.vault import KV, Transit, VaultClient
 
 _counter = itertools.count()
 
 
 @dataclass(frozen=True)
 class Vault:
-    server: devserver.DevServer
-    admin: VaultClient
+    server: server.DevServer
     layout: Layout
 
     @property
     def identity_key(self) -> Path:
         return self.server.identity_key
 
-    def server_settings(self, with_token: bool = False) -> VaultSettings:
-        return VaultSettings(addr=self.server.addr, token=self.server.token if with_token else "")
+    def settings(self, with_token: bool = True) -> VaultSettings:
+        return VaultSettings.local(self.server.addr, self.server.token if with_token else "")
+
+    def client(self, with_token: bool = True) -> VaultClient:
+        """A new client (the caller closes it with ``await client.aclose()``)."""
+        return VaultClient(self.settings(with_token))
 
     def environ(self, **extra: str) -> dict[str, str]:
         environ = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
@@ -43,54 +53,75 @@ class Vault:
         environ.update(extra)
         return environ
 
-    def runner_role_like(self, name: str, **changes: int) -> None:
-        """A copy of the stigmer-runner JWT role with some fields changed (e.g. short TTLs)."""
-        role = self.admin.get("auth/jwt/role/stigmer-runner")["data"]
-        role.update(changes)
-        self.admin.post(f"auth/jwt/role/{name}", role)
-
-    def jwt_for(self, tenant: str, tmp_path: Path, **claims: object) -> Path:
-        path = tmp_path / f"{tenant}.jwt"
-        path.write_text(identity.mint_token(self.identity_key, tenant, **claims))  # type: ignore[arg-type]
+    def jwt_for(self, tenant: str, tmp_path: Path, **claims: Any) -> Path:
+        path = tmp_path / f"{tenant}-{next(_counter)}.jwt"
+        path.write_text(identity.mint_token(self.identity_key, tenant, **claims))
         return path
+
+
+async def _bootstrap(running: server.DevServer) -> None:
+    identity.create_key(running.identity_key)
+    admin = VaultClient(VaultSettings.local(running.addr, running.token))
+    try:
+        jwt = JwtSettings(public_keys=(identity.public_pem(running.identity_key),))
+        await Bootstrap(admin, Layout()).run(
+            ["acme", "beta"], jwt, approle=AppRoleSettings(("acme", "beta"))
+        )
+    finally:
+        await admin.aclose()
 
 
 @pytest.fixture(scope="session")
 def vault(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Vault]:
     state = tmp_path_factory.mktemp("vault-dev")
-    server = devserver.start(state)
+    running = server.start(state)
     try:
-        identity.create_key(server.identity_key)
-        admin = VaultClient(VaultSettings(addr=server.addr, token=server.token))
-        layout = Layout()
-        jwt = JwtSettings(public_keys=(identity.public_pem(server.identity_key),))
-        Bootstrap(admin, layout).run(
-            ["acme", "beta"], jwt, approle=AppRoleSettings(("acme", "beta"))
-        )
-        yield Vault(server=server, admin=admin, layout=layout)
+        asyncio.run(_bootstrap(running))
+        yield Vault(server=running, layout=Layout())
     finally:
-        devserver.stop(state)
+        server.stop(state)
 
 
 @pytest.fixture
-def tenant(vault: Vault) -> str:
+async def admin(vault: Vault) -> AsyncIterator[VaultClient]:
+    """A root-token client for this test's event loop."""
+    client = vault.client()
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def tenant(admin: VaultClient, vault: Vault) -> str:
     """A fresh tenant with its own Transit key."""
     name = f"t{os.getpid() % 1000}-{next(_counter)}"
-    Transit(vault.admin, vault.layout.transit_mount).create_key(vault.layout.transit_key(name))
+    await Transit(admin, vault.layout.transit_mount).create_key(vault.layout.transit_key(name))
     return name
 
 
 @pytest.fixture
-def shm(tmp_path: Path) -> Iterator[Path]:
-    """A fresh directory on /dev/shm (memory-backed) for rendered files."""
-    import shutil
-    import tempfile
-
+def shm() -> Iterator[Path]:
+    """A fresh directory on /dev/shm (memory-backed), 0700 like an output root must be."""
     path = Path(tempfile.mkdtemp(prefix="stigmer-test-", dir="/dev/shm"))
     try:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+async def wait_until(
+    condition: Callable[[], bool | Awaitable[bool]], timeout: float = 10.0, what: str = ""
+) -> None:
+    """Poll ``condition`` (sync or async) until it is true; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
+        await asyncio.sleep(0.05)
 
 
 def cli(
@@ -109,15 +140,28 @@ def cli(
 
 
 def start_run(
-    vault: Vault, tenant: str, execution_id: str, out: Path, jwt: Path, child: str
+    vault: Vault, tenant: str, execution_id: str, out: Path, jwt: Path, child: str, *extra: str
 ) -> subprocess.Popen[str]:
     """`stigmer-broker run ... -- python -c CHILD` in the background, output captured."""
     return subprocess.Popen(
         [sys.executable, "-m", "broker.cli", "run", "--tenant", tenant, "--execution", execution_id,
-         "--out", str(out), "--jwt-file", str(jwt), "--", sys.executable, "-c", child],
+         "--out", str(out), "--jwt-file", str(jwt), *extra, "--", sys.executable, "-c", child],
         env=vault.environ(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
 
 
-def context_paths(vault: Vault, tenant: str) -> list[str]:
-    return vault.admin.list(f"{vault.layout.kv_mount}/metadata/execution-contexts/{tenant}")
+async def context_paths(admin: VaultClient, vault: Vault, tenant: str) -> list[str]:
+    return await KV(admin, vault.layout.kv_mount).list(vault.layout.contexts_dir(tenant))
+
+
+async def runner_role_like(admin: VaultClient, name: str, **changes: int) -> None:
+    """A copy of the stigmer-runner JWT role with some fields changed (e.g. short TTLs)."""
+    role = (await admin.get("auth/jwt/role/stigmer-runner"))["data"]
+    role.update(changes)
+    await admin.post(f"auth/jwt/role/{name}", role)
+
+
+async def accessor_alive(admin: VaultClient, accessor: str) -> bool:
+    from broker.vault import lookup_accessor
+
+    return await lookup_accessor(admin, accessor) is not None

@@ -14,8 +14,9 @@ import pytest
 import yaml
 
 from broker.errors import BrokerError
-from broker.logs import REDACTOR, JsonFormatter
-from tests.conftest import Vault, cli, start_run
+from broker.logs import JsonFormatter, Redactor
+from broker.vault import VaultClient
+from tests.conftest import Vault, cli, start_run, wait_until
 
 CANARIES = {
     "ENV_SECRET": "cnry-env-7f3a9c1e-do-not-leak",
@@ -84,7 +85,7 @@ def agent_file(tmp_path: Path) -> Path:
     return path
 
 
-def test_canaries_never_leak(
+async def test_canaries_never_leak(
     vault: Vault, tenant: str, shm: Path, tmp_path: Path, agent_file: Path
 ) -> None:
     started = time.time() - 1
@@ -127,13 +128,11 @@ def test_canaries_never_leak(
     )
     out = shm / "out"
     process = start_run(vault, tenant, "canary-1", out, vault.jwt_for(tenant, tmp_path), child)
-    deadline = time.monotonic() + 20
-    while not marker.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    await wait_until(marker.exists, 20)
     broker_pid = int(marker.read_text())
     assert broker_pid == process.pid
     proc = Path(f"/proc/{broker_pid}")
-    broker_environ = (proc / "environ").read_bytes().decode(errors="replace")
+    broker_environ = (proc / "environ").read_bytes().decode(errors="replace")  # as root
     broker_cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
     rendered = (out / "canary-1" / "env.json").read_text()
     stdout, stderr = process.communicate(timeout=30)
@@ -156,11 +155,18 @@ def test_canaries_never_leak(
     assert leaked == []
 
 
-def test_log_formatter_redacts_decrypted_values_in_every_form() -> None:
+@pytest.mark.unit
+def test_log_formatter_redacts_decrypted_values_in_every_form(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     import logging
 
+    from broker import logs
+
+    redactor = Redactor()  # this test's own: the process-wide one is left alone
+    monkeypatch.setattr(logs, "REDACTOR", redactor)
     value = "cnry-log-1f2e3d4c-do-not-leak"
-    REDACTOR.add([value])
+    registration = redactor.register([value])
     message = " ".join([*forms(value), base64.urlsafe_b64encode(value.encode()).decode()])
     record = logging.LogRecord("x", logging.INFO, __file__, 1, "value %s", (message,), None)
     record.fields = {"detail": value}  # type: ignore[attr-defined]
@@ -168,17 +174,33 @@ def test_log_formatter_redacts_decrypted_values_in_every_form() -> None:
     assert value not in line and base64.b64encode(value.encode()).decode() not in line
     assert quote(value, safe="") not in line
     assert line.count("<redacted>") >= 5
+    registration.release()  # the execution ended: the value leaves the redactor
+    assert len(redactor) == 0
+    assert value in JsonFormatter().format(record)
 
 
-def test_broker_errors_carry_no_response_body(vault: Vault, tenant: str) -> None:
+@pytest.mark.unit
+def test_redaction_stays_exact_while_other_executions_end() -> None:
+    redactor = Redactor()
+    first = redactor.register(["shared-value-1", "only-first-1"])
+    second = redactor.register(["shared-value-1", "only-second-2"])
+    first.release()
+    text = "shared-value-1 only-first-1 only-second-2"
+    assert redactor.scrub(text) == "<redacted> only-first-1 <redacted>"
+    second.release()
+    assert redactor.scrub(text) == text
+
+
+async def test_broker_errors_carry_no_response_body(vault: Vault, admin: VaultClient) -> None:
     """A Vault failure names the operation and path only."""
     from broker.vault import KV
 
     with pytest.raises(BrokerError) as caught:
-        KV(vault.admin, "no-such-mount").write("x", {"v": CANARIES["ENV_SECRET"]})
+        await KV(admin, "no-such-mount").write("x", {"v": CANARIES["ENV_SECRET"]})
     assert hits(str(caught.value)) == []
     assert "no-such-mount/data/x" in str(caught.value)
 
 
+@pytest.mark.unit
 def test_environment_of_this_test_process_is_clean() -> None:
     assert hits("\0".join(f"{k}={v}" for k, v in os.environ.items())) == []

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jwt as pyjwt
 
-from broker import devserver, identity
 from broker.config import VaultSettings
+from broker.dev import identity, server
 from broker.vault import VaultClient, jwt_login
 from tests.conftest import Vault
 
@@ -34,7 +36,7 @@ def _env_file(state: Path) -> dict[str, str]:
     return values
 
 
-def test_dev_up_setup_token_down(tmp_path: Path) -> None:
+async def test_dev_up_setup_token_down(tmp_path: Path) -> None:
     state = tmp_path / "state"
     up = broker("dev", "up", "--state-dir", str(state), "--tenant", "acme")
     assert up.returncode == 0, up.stderr
@@ -52,6 +54,8 @@ def test_dev_up_setup_token_down(tmp_path: Path) -> None:
         again = broker("setup", "--tenant", "acme", env=bao_env)
         assert again.returncode == 0, again.stderr
         assert again.stdout.strip().splitlines()[-1] == "setup: nothing to change"
+        as_json = broker("setup", "--tenant", "acme", "-o", "json", env=bao_env)
+        assert json.loads(as_json.stdout)["changed"] == 0
         assert all(line.startswith("unchanged") for line in again.stdout.splitlines()[:-1])
         more = broker("setup", "--tenant", "acme", "--tenant", "newco", env=env)
         assert "created    transit key env-newco" in more.stdout
@@ -64,8 +68,11 @@ def test_dev_up_setup_token_down(tmp_path: Path) -> None:
         assert claims["kubernetes.io"]["namespace"] == "acme"
         assert claims["kubernetes.io"]["pod"]["name"] == "p-1"
         assert claims["exp"] - claims["iat"] == 120
-        client = VaultClient(VaultSettings(addr=env["VAULT_ADDR"]))
-        login = jwt_login(client, "jwt", "stigmer-runner", token.stdout.strip())
+        client = VaultClient(VaultSettings.local(env["VAULT_ADDR"]))
+        try:
+            login = await jwt_login(client, "jwt", "stigmer-runner", token.stdout.strip())
+        finally:
+            await client.aclose()
         assert "stigmer-runner" in login.policies
 
         second = broker("dev", "up", "--state-dir", str(state))
@@ -84,23 +91,30 @@ def test_dev_down_leaves_other_servers_alone(vault: Vault, tmp_path: Path) -> No
     state = tmp_path / "state"
     state.mkdir()
     (state / "server.pid").write_text(str(vault.server.pid))  # someone else's server
-    assert not devserver.stop(state)
-    assert vault.admin.health()
+    assert not server.stop(state)
+    assert server.healthy(vault.server.addr)
 
 
 def test_setup_needs_vault_settings(tmp_path: Path) -> None:
     result = broker("setup", cwd=tmp_path)
     assert result.returncode == 2
-    assert result.stderr.strip() == "stigmer-broker: error: VAULT_ADDR (or BAO_ADDR) is not set"
+    assert (
+        result.stderr.splitlines()[0]
+        == "stigmer-broker: error: VAULT_ADDR (or BAO_ADDR) is not set"
+    )
     assert list(tmp_path.iterdir()) == []  # nothing created
 
 
 def test_vault_unreachable_is_one_clear_line(tmp_path: Path) -> None:
-    port = devserver.free_port()
-    result = broker("env", "list", "--tenant", "acme",
+    port = server.free_port()
+    started = time.monotonic()
+    result = broker("--vault-deadline", "2s", "env", "list", "--tenant", "acme",
                     env={"VAULT_ADDR": f"http://127.0.0.1:{port}", "VAULT_TOKEN": "x"})  # fmt: skip
+    assert 2 <= time.monotonic() - started < 15  # retried until the deadline, then gave up
     assert result.returncode == 3
-    assert "cannot reach Vault" in result.stderr and len(result.stderr.splitlines()) == 1
+    lines = result.stderr.splitlines()
+    assert "cannot reach Vault" in lines[0] and lines[0].startswith("stigmer-broker: error: ")
+    assert len(lines) == 2 and lines[1].startswith("stigmer-broker: hint: ")
 
 
 def test_dev_token_without_key(tmp_path: Path) -> None:

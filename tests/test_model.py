@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pydantic
 import pytest
 
 from broker.errors import ValidationError
@@ -22,6 +23,8 @@ from broker.model import (
     load_resource,
     parse_resource,
 )
+
+pytestmark = pytest.mark.unit
 
 # A copy of shared/stigmer-examples.json, so the suite does not depend on the layout around it.
 EXAMPLES = Path(__file__).resolve().parent / "data" / "stigmer-examples.json"
@@ -383,7 +386,7 @@ def test_expected_kind_is_enforced() -> None:
 
 def test_resources_are_frozen() -> None:
     environment = parse_resource(_environment({"A": {"value": "1"}}), Environment)
-    with pytest.raises(Exception):
+    with pytest.raises(pydantic.ValidationError, match="frozen"):
         environment.spec.data["A"].value = "2"  # type: ignore[misc]
     assert copy.deepcopy(environment) == environment
 

@@ -2,23 +2,34 @@
 
 from __future__ import annotations
 
-import threading
+import asyncio
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
 from broker import policies
+from broker.config import Layout
 from broker.control.environments import EnvironmentStore
 from broker.control.executions import ExecutionIssuer, RuntimeValue
 from broker.control.keys import KeyManager, key_version
 from broker.errors import DecryptError, ValidationError
+from broker.execution.credentials import Credentials
 from broker.policies import IdentitySources
-from broker.runner import run
-from broker.vault import KV, Transit
+from broker.render.outdir import OutputRoot
+from broker.runner import RunSettings, run_command
+from broker.vault import KV, Transit, VaultClient
 from tests.conftest import Vault, cli
-from tests.test_control import agent, environment, instance
-from tests.test_run import session
+from tests.factories import agent, environment, instance
+
+
+async def run_true(vault: Vault, tenant: str, execution_id: str, out: Path, jwt: Path) -> int:
+    client = vault.client(with_token=False)
+    settings = RunSettings(tenant, execution_id, OutputRoot(out), Credentials(jwt_file=jwt))
+    try:
+        return await run_command(client, vault.layout, settings, ["true"])
+    finally:
+        await client.aclose()
 
 
 def test_policy_check_passes_on_the_bootstrapped_server(vault: Vault) -> None:
@@ -29,10 +40,10 @@ def test_policy_check_passes_on_the_bootstrapped_server(vault: Vault) -> None:
     assert cli(vault, "env", "list", "--tenant", "acme").stdout == ""  # probes cleaned up
 
 
-def test_policy_check_catches_a_loosened_policy(vault: Vault) -> None:
-    original = vault.admin.get("sys/policies/acl/stigmer-control-plane")["data"]["policy"]
+async def test_policy_check_catches_a_loosened_policy(vault: Vault, admin: VaultClient) -> None:
+    original = (await admin.get("sys/policies/acl/stigmer-control-plane"))["data"]["policy"]
     loosened = original + '\npath "stigmer-transit/decrypt/*" {\n  capabilities = ["update"]\n}\n'
-    vault.admin.post("sys/policies/acl/stigmer-control-plane", {"policy": loosened})
+    await admin.post("sys/policies/acl/stigmer-control-plane", {"policy": loosened})
     try:
         result = cli(vault, "policy", "check", "--tenant", "acme", "--other-tenant", "beta")
         assert result.returncode == 1
@@ -46,7 +57,7 @@ def test_policy_check_catches_a_loosened_policy(vault: Vault) -> None:
     )
 
 
-def test_policy_render_offline_and_online(vault: Vault) -> None:
+async def test_policy_render_offline_and_online(vault: Vault, admin: VaultClient) -> None:
     offline = cli(vault, "policy", "render", "--jwt-accessor", "auth_jwt_1234", "--approle")
     assert offline.returncode == 0, offline.stderr
     text = offline.stdout
@@ -54,14 +65,12 @@ def test_policy_render_offline_and_online(vault: Vault) -> None:
     assert "stigmer-transit/decrypt/env-{{identity.entity.metadata.tenant}}" in text
     assert "# ===== policy stigmer-reaper =====" in text
     online = cli(vault, "policy", "render")
-    accessor = vault.admin.get("sys/auth")["data"]["jwt/"]["accessor"]
+    accessor = (await admin.get("sys/auth"))["data"]["jwt/"]["accessor"]
     assert f"aliases.{accessor}.metadata.tenant" in online.stdout
 
 
 def test_control_plane_policy_never_decrypts() -> None:
-    rendered = policies.render(
-        __import__("broker.config").config.Layout(), IdentitySources(jwt="a")
-    )
+    rendered = policies.render(Layout(), IdentitySources(jwt="a"))
     assert "decrypt" not in rendered["stigmer-control-plane"].split("# Encrypt only")[1]
     assert "/decrypt/" not in "".join(
         line for line in rendered["stigmer-control-plane"].splitlines() if line.startswith("path")
@@ -74,123 +83,121 @@ def test_control_plane_policy_never_decrypts() -> None:
         ]
 
 
-def test_rotate_then_old_context_still_decrypts(
-    vault: Vault, tenant: str, shm: Path, tmp_path: Path
+async def test_rotate_then_old_context_still_decrypts(
+    vault: Vault, admin: VaultClient, tenant: str, shm: Path, tmp_path: Path
 ) -> None:
-    EnvironmentStore(vault.admin, vault.layout).create(
+    await EnvironmentStore(admin, vault.layout).create(
         tenant, environment("e", TOKEN=("before", True))
     )
-    ExecutionIssuer(vault.admin, vault.layout).create(
+    await ExecutionIssuer(admin, vault.layout).create(
         tenant, agent(), instance("e"), execution_id="pre-rot"
     )
     rotated = cli(vault, "keys", "rotate", "--tenant", tenant)
     assert rotated.returncode == 0 and "latest version 2" in rotated.stdout
     rewrapped = cli(vault, "keys", "rewrap", "--tenant", tenant)
     assert "rewrapped 1 secrets in 1 documents" in rewrapped.stdout
-    stored = KV(vault.admin, "stigmer").read_resource(f"environments/{tenant}/e")[0]
+    stored = (await KV(admin, "stigmer").read_resource(f"environments/{tenant}/e"))[0]
     assert key_version(stored["spec"]["data"]["TOKEN"]["value"]) == 2
-    assert (
-        run(session(vault, tenant, "pre-rot", shm, vault.jwt_for(tenant, tmp_path)), ["true"]) == 0
-    )
+    assert await run_true(vault, tenant, "pre-rot", shm, vault.jwt_for(tenant, tmp_path)) == 0
 
 
-def test_raise_min_decryption_version_rewraps_live_contexts(
-    vault: Vault, tenant: str, shm: Path, tmp_path: Path
+async def test_raise_min_decryption_version_rewraps_live_contexts(
+    vault: Vault, admin: VaultClient, tenant: str, shm: Path, tmp_path: Path
 ) -> None:
-    EnvironmentStore(vault.admin, vault.layout).create(
+    await EnvironmentStore(admin, vault.layout).create(
         tenant, environment("e", TOKEN=("v1-secret", True))
     )
-    ExecutionIssuer(vault.admin, vault.layout).create(
+    await ExecutionIssuer(admin, vault.layout).create(
         tenant, agent(), instance("e"), runtime_env={"RT": RuntimeValue("rt", True)},
         ttl=timedelta(minutes=5), execution_id="live-1",
     )  # fmt: skip
-    old = Transit(vault.admin, "stigmer-transit").encrypt(
-        vault.layout.transit_key(tenant), ["orphan"]
+    old = (
+        await Transit(admin, "stigmer-transit").encrypt(
+            vault.layout.transit_key(tenant), ["orphan"]
+        )
     )[0]
-    manager = KeyManager(vault.admin, vault.layout)
-    manager.rotate(tenant)
-    report = manager.rewrap(tenant, raise_min_decryption_version=True)
+    manager = KeyManager(admin, vault.layout)
+    await manager.rotate(tenant)
+    report = await manager.rewrap(tenant, raise_min_decryption_version=True)
     assert report.min_decryption_version == 2 and report.rewrapped == 3 and report.documents == 2
     with pytest.raises(DecryptError):  # ciphertext nobody rewrapped is now refused
-        Transit(vault.admin, "stigmer-transit").decrypt(vault.layout.transit_key(tenant), [old])
-    assert (
-        run(session(vault, tenant, "live-1", shm, vault.jwt_for(tenant, tmp_path)), ["true"]) == 0
-    )
+        await Transit(admin, "stigmer-transit").decrypt(vault.layout.transit_key(tenant), [old])
+    assert await run_true(vault, tenant, "live-1", shm, vault.jwt_for(tenant, tmp_path)) == 0
 
 
-def test_rewrap_keeps_a_concurrent_edit(vault: Vault, tenant: str) -> None:
+async def test_rewrap_keeps_a_concurrent_edit(
+    vault: Vault, admin: VaultClient, tenant: str
+) -> None:
     """A writer edits between rewrap's read and write: the CAS write fails, rewrap retries."""
-    store = EnvironmentStore(vault.admin, vault.layout)
-    store.create(tenant, environment("e", A=("a", True)))
-    manager = KeyManager(vault.admin, vault.layout)
-    manager.rotate(tenant)
+    store = EnvironmentStore(admin, vault.layout)
+    await store.create(tenant, environment("e", A=("a", True)))
+    manager = KeyManager(admin, vault.layout)
+    await manager.rotate(tenant)
     edits = []
 
-    def concurrent_edit(path: str) -> None:
+    async def concurrent_edit(path: str) -> None:
         if not edits:
             edits.append(path)
-            store.apply(tenant, environment("e", A=("a", True), B=("edited", True)))
+            await store.apply(tenant, environment("e", A=("a", True), B=("edited", True)))
 
-    report = manager.rewrap(tenant, before_write=concurrent_edit)
+    report = await manager.rewrap(tenant, before_write=concurrent_edit)
     assert report.retries == 1 and edits
-    stored = store.get(tenant, "e").spec.data
+    stored = (await store.get(tenant, "e")).spec.data
     assert set(stored) == {"A", "B"}
-    transit = Transit(vault.admin, "stigmer-transit")
-    values = transit.decrypt(
+    transit = Transit(admin, "stigmer-transit")
+    values = await transit.decrypt(
         vault.layout.transit_key(tenant), [stored["A"].value, stored["B"].value]
     )
     assert values == ["a", "edited"]
     assert {key_version(stored[k].value) for k in ("A", "B")} == {2}
 
 
-def test_rotate_and_rewrap_while_another_writer_edits(vault: Vault, tenant: str) -> None:
-    store = EnvironmentStore(vault.admin, vault.layout)
+async def test_rotate_and_rewrap_while_another_writer_edits(
+    vault: Vault, admin: VaultClient, tenant: str
+) -> None:
+    store = EnvironmentStore(admin, vault.layout)
     for n in range(4):
-        store.create(
+        await store.create(
             tenant, environment(f"env{n}", **{f"S{i}": (f"s{n}-{i}", True) for i in range(30)})
         )
-    stop = threading.Event()
+    stop = asyncio.Event()
     written: dict[str, dict[str, str]] = {f"env{n}": {} for n in range(4)}
-    errors: list[BaseException] = []
 
-    def writer() -> None:
+    async def writer() -> None:
         i = 0
         while not stop.is_set() and i < 200:
             name = f"env{i % 4}"
-            current = store.get(tenant, name)
-            data = {k: ("", True) for k in current.spec.data}  # placeholders, replaced below
-            data.update(
-                {k: (f"s{name[3:]}-{k[1:]}", True) for k in current.spec.data if k.startswith("S")}
-            )
+            current = await store.get(tenant, name)
+            data = {
+                k: (f"s{name[3:]}-{k[1:]}", True) for k in current.spec.data if k.startswith("S")
+            }
             written[name][f"W{i}"] = f"edit-{i}"
             data.update({k: (v, True) for k, v in written[name].items()})
             try:
-                store.apply(tenant, environment(name, **data))
+                await store.apply(tenant, environment(name, **data))
             except ValidationError:
                 del written[name][f"W{i}"]  # lost the race to rewrap: not applied, retry later
-            except BaseException as exc:
-                errors.append(exc)
-                return
             i += 1
 
-    thread = threading.Thread(target=writer)
-    thread.start()
-    manager = KeyManager(vault.admin, vault.layout)
-    try:
-        for _ in range(3):
-            manager.rotate(tenant)
-            manager.rewrap(tenant)
-    finally:
-        stop.set()
-        thread.join(60)
-    assert not errors
-    final = manager.rewrap(tenant)  # anything the writer encrypted before the last rotation
-    transit = Transit(vault.admin, "stigmer-transit")
+    async def rotations() -> None:
+        manager = KeyManager(admin, vault.layout)
+        try:
+            for _ in range(3):
+                await manager.rotate(tenant)
+                await manager.rewrap(tenant)
+        finally:
+            stop.set()
+
+    await asyncio.gather(writer(), rotations())
+    final = await KeyManager(admin, vault.layout).rewrap(tenant)  # whatever the writer left old
+    transit = Transit(admin, "stigmer-transit")
     for name, edits in written.items():
-        stored = store.get(tenant, name).spec.data
+        stored = (await store.get(tenant, name)).spec.data
         assert {k for k in stored if k.startswith("W")} == set(edits)  # no edit lost
         keys = sorted(stored)
-        plain = transit.decrypt(vault.layout.transit_key(tenant), [stored[k].value for k in keys])
+        plain = await transit.decrypt(
+            vault.layout.transit_key(tenant), [stored[k].value for k in keys]
+        )
         expected = {**{f"S{i}": f"s{name[3:]}-{i}" for i in range(30)}, **edits}
         assert dict(zip(keys, plain, strict=True)) == expected
         assert {key_version(stored[k].value) for k in keys} == {final.latest_version}

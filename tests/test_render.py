@@ -10,18 +10,28 @@ from pathlib import Path
 
 import pytest
 
+from broker.envfile import write as dotenv
 from broker.errors import RenderError
 from broker.model import McpServerDefinition
-from broker.render import (
-    dotenv,
-    filesystem_type,
-    is_memory_backed,
-    mcp_config,
-    prepare_directory,
-    render,
-    wipe,
-)
-from broker.resolve import Variable
+from broker.render.files import contents, render
+from broker.render.formats import mcp_config
+from broker.render.outdir import ExecutionDirectory, OutputRoot, filesystem_type, is_memory_backed
+from broker.render.wipe import wipe
+from broker.resolve import ServerConfig, Variable
+
+pytestmark = pytest.mark.unit
+
+
+def prepare_directory(out: Path, execution_id: str, allow_disk: bool = False) -> ExecutionDirectory:
+    root = OutputRoot(out, allow_disk)
+    root.check()
+    return root.create(execution_id)
+
+
+def write(
+    directory: ExecutionDirectory, variables: dict[str, Variable], servers: list[ServerConfig]
+) -> None:
+    render(directory, contents(directory.path.name, "acme", variables, servers, None))
 
 
 def test_dev_shm_is_memory_backed_and_tmp_path_is_not(tmp_path: Path) -> None:
@@ -36,7 +46,7 @@ def test_disk_backed_out_refused_unless_allowed(tmp_path: Path) -> None:
         prepare_directory(tmp_path / "out", "exec-1")
     assert not (tmp_path / "out" / "exec-1").exists()
     directory = prepare_directory(tmp_path / "out", "exec-1", allow_disk=True)
-    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+    assert stat.S_IMODE(directory.path.stat().st_mode) == 0o700
 
 
 def test_existing_execution_directory_is_refused(shm: Path) -> None:
@@ -45,9 +55,9 @@ def test_existing_execution_directory_is_refused(shm: Path) -> None:
         prepare_directory(shm, "exec-1")
 
 
-def _servers() -> list[McpServerDefinition]:
+def _servers() -> list[ServerConfig]:
     return [
-        McpServerDefinition.model_validate(s)
+        McpServerDefinition.model_validate(s).model_dump(mode="json")
         for s in (
             {
                 "name": "github",
@@ -128,10 +138,10 @@ def test_render_writes_four_read_only_files(shm: Path) -> None:
         "TOKEN": Variable("s3cr3t-value", True, False, "x"),
         "MODE": Variable("fast", False, False, "x"),
     }
-    files = render(directory, "exec-9", "acme", variables, _servers(), None)
-    assert sorted(os.listdir(directory)) == ["env", "env.json", "manifest.json", "mcp.json"]
-    for name in os.listdir(directory):
-        assert stat.S_IMODE((directory / name).stat().st_mode) == 0o400
+    files = render(directory, contents("exec-9", "acme", variables, _servers(), None))
+    assert sorted(os.listdir(directory.path)) == ["env", "env.json", "manifest.json", "mcp.json"]
+    for name in os.listdir(directory.path):
+        assert stat.S_IMODE((directory.path / name).stat().st_mode) == 0o400
     assert json.loads(files.env_json.read_text()) == {"MODE": "fast", "TOKEN": "s3cr3t-value"}
     manifest = json.loads(files.manifest.read_text())
     assert manifest["variables"] == {"MODE": {"secret": False}, "TOKEN": {"secret": True}}
@@ -144,15 +154,15 @@ def test_planted_symlink_cannot_redirect_a_write(shm: Path, tmp_path: Path) -> N
     variables = {"A": Variable("v", True, False, "x")}
     # A link where a file will go is replaced by the rename, never written through.
     directory = prepare_directory(shm, "exec-s")
-    os.symlink(target, directory / "env.json")
-    render(directory, "exec-s", "acme", variables, [], None)
+    os.symlink(target, directory.path / "env.json")
+    write(directory, variables, [])
     assert not target.exists()
-    assert not (directory / "env.json").is_symlink()
+    assert not (directory.path / "env.json").is_symlink()
     # A link where the temp file will go makes the write fail instead of following it.
     directory = prepare_directory(shm, "exec-t")
-    os.symlink(target, directory / f".env.json.{os.getpid()}.tmp")
+    os.symlink(target, directory.path / f".env.json.{os.getpid()}.tmp")
     with pytest.raises(RenderError):
-        render(directory, "exec-t", "acme", variables, [], None)
+        write(directory, variables, [])
     assert not target.exists()
 
 
@@ -164,7 +174,9 @@ def test_out_dir_symlink_refused(shm: Path, tmp_path: Path) -> None:
 
 def test_wipe_removes_everything(shm: Path) -> None:
     directory = prepare_directory(shm, "exec-w")
-    render(directory, "exec-w", "acme", {"A": Variable("v", True, False, "x")}, [], None)
-    assert sorted(wipe(directory)) == ["env", "env.json", "manifest.json", "mcp.json"]
-    assert not directory.exists()
-    assert wipe(directory) == []
+    write(directory, {"A": Variable("v", True, False, "x")}, [])
+    report = wipe(directory)
+    assert sorted(report.removed) == ["env", "env.json", "manifest.json", "mcp.json"]
+    assert report.failed == []
+    assert not directory.path.exists()
+    assert wipe(directory).removed == []

@@ -22,6 +22,8 @@ from broker.resolve import (
     resolve_string,
 )
 
+pytestmark = pytest.mark.unit
+
 
 def plain(value: str) -> Entry:
     return Entry(value)
@@ -124,8 +126,9 @@ def test_document_keys_are_not_resolved() -> None:
     assert resolve_document({"${A}": "${A}"}, variables(A="x")) == {"${A}": "x"}
 
 
-def _server(**config: Any) -> McpServerDefinition:
-    return McpServerDefinition.model_validate(config)
+def _server(**config: Any) -> dict[str, Any]:
+    """A server definition as the context stores it: validated by the model, then JSON."""
+    return McpServerDefinition.model_validate(config).model_dump(mode="json")
 
 
 def test_servers_resolve_everywhere_allowed() -> None:
@@ -151,17 +154,11 @@ def test_servers_resolve_everywhere_allowed() -> None:
     ]
     values = variables(REGION="eu", GITHUB_TOKEN="g", API_TOKEN="a", HOST="h.example")
     gh, api, docker = resolve_servers(servers, values)
-    assert (
-        gh.stdio is not None
-        and gh.stdio.args == ["eu"]
-        and gh.stdio.env_placeholders == {"GH": "g"}
-    )
-    assert api.http is not None and api.http.url == "https://h.example/mcp"
-    assert api.http.headers == {"Authorization": "Bearer a"}
-    assert docker.docker is not None and docker.docker.image == "img:eu"
-    assert servers[0].stdio is not None and servers[0].stdio.args == [
-        "${REGION}"
-    ]  # input untouched
+    assert gh["stdio"]["args"] == ["eu"] and gh["stdio"]["env_placeholders"] == {"GH": "g"}
+    assert api["http"]["url"] == "https://h.example/mcp"
+    assert api["http"]["headers"] == {"Authorization": "Bearer a"}
+    assert docker["docker"]["image"] == "img:eu"
+    assert servers[0]["stdio"]["args"] == ["${REGION}"]  # input untouched
 
 
 def test_secret_in_argv_or_url_refused_unless_allowed() -> None:
@@ -185,7 +182,7 @@ def test_secret_in_argv_or_url_refused_unless_allowed() -> None:
         "(use --allow-secret-in-args to permit)",
     ]
     resolved = resolve_servers(servers, variables(API_TOKEN="a"), allow_secret_in_args=True)
-    assert resolved[0].stdio is not None and resolved[0].stdio.args == ["--token=a"]
+    assert resolved[0]["stdio"]["args"] == ["--token=a"]
 
 
 def test_unknown_placeholders_name_server_and_field() -> None:

@@ -2,25 +2,43 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
-import os
+import logging
 import signal
 import sys
-import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from broker.config import Layout
 from broker.control.environments import EnvironmentStore
 from broker.control.executions import ExecutionIssuer, RuntimeValue
-from broker.errors import PermissionDenied, ValidationError, VaultError
-from broker.runner import ExecutionSession, RunOptions, run
-from broker.vault import KV, VaultClient, lookup_self
-from tests.conftest import Vault, cli, context_paths, start_run
-from tests.test_control import agent, environment, instance
+from broker.errors import (
+    ContextExpired,
+    ContextNotFound,
+    DecryptError,
+    IdentityError,
+    PermissionDenied,
+    ValidationError,
+)
+from broker.execution.credentials import Credentials
+from broker.render.outdir import OutputRoot
+from broker.runner import RunSettings, run_command
+from broker.vault import Transit, VaultClient
+from tests.conftest import (
+    Vault,
+    accessor_alive,
+    cli,
+    context_paths,
+    runner_role_like,
+    start_run,
+    wait_until,
+)
+from tests.factories import agent, environment, instance
 
 CHILD = r"""
 import hashlib, json, os, sys
@@ -38,13 +56,18 @@ def digest(value: str) -> str:
     return hashlib.sha256(value.encode()).hexdigest()
 
 
-def issue(
-    vault: Vault, tenant: str, execution_id: str, secret: str = "ghp_run_canary", ttl: int = 300
+async def issue(
+    admin: VaultClient,
+    layout: Layout,
+    tenant: str,
+    execution_id: str,
+    secret: str = "ghp_run_canary",
+    ttl: int = 300,
 ) -> None:
-    EnvironmentStore(vault.admin, vault.layout).apply(
+    await EnvironmentStore(admin, layout).apply(
         tenant, environment("prod", GITHUB_TOKEN=(secret, True), REGION=("eu", False))
     )
-    ExecutionIssuer(vault.admin, vault.layout).create(
+    await ExecutionIssuer(admin, layout).create(
         tenant,
         agent(
             {"GITHUB_TOKEN": {"is_secret": True}},
@@ -66,49 +89,68 @@ def issue(
     )
 
 
-def session(
-    vault: Vault, tenant: str, execution_id: str, out: Path, jwt: Path, **extra: Any
-) -> ExecutionSession:
-    options = RunOptions(
-        tenant=tenant, execution_id=execution_id, out_dir=out, jwt_file=jwt, **extra
-    )
-    return ExecutionSession(VaultClient(vault.server_settings()), vault.layout, options)
+async def run(
+    vault: Vault,
+    tenant: str,
+    execution_id: str,
+    out: Path,
+    command: list[str],
+    jwt: Path | None = None,
+    **options: Any,
+) -> int:
+    """`run` in this process (the library API the CLI wraps)."""
+    credential_fields = {k: options.pop(k) for k in ("method", "role") if k in options}
+    credentials = Credentials(jwt_file=jwt or Path("/nonexistent"), **credential_fields)
+    settings = RunSettings(tenant, execution_id, OutputRoot(out), credentials, **options)
+    client = vault.client(with_token=credentials.method == "token")
+    try:
+        return await run_command(client, vault.layout, settings, command)
+    finally:
+        await client.aclose()
 
 
-def test_round_trip_library(vault: Vault, tenant: str, shm: Path, tmp_path: Path) -> None:
-    issue(vault, tenant, "round-1")
-    run_session = session(vault, tenant, "round-1", shm, vault.jwt_for(tenant, tmp_path))
+def events(caplog: pytest.LogCaptureFixture, message: str) -> list[dict[str, Any]]:
+    return [r.fields for r in caplog.records if r.getMessage() == message]  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def logged(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    caplog.set_level(logging.INFO, logger="stigmer_broker")
+    return caplog
+
+
+async def test_round_trip_library(
+    vault: Vault, admin: VaultClient, tenant: str, shm: Path, tmp_path: Path, logged: Any
+) -> None:
+    await issue(admin, vault.layout, tenant, "round-1")
     expected = {
         "GITHUB_TOKEN": digest("ghp_run_canary"),
         "API_TOKEN": digest("rt_api_canary"),
         "REGION": digest("eu"),
     }
-    status = run(run_session, [sys.executable, "-c", CHILD, json.dumps(expected)])
+    command = [sys.executable, "-c", CHILD, json.dumps(expected)]
+    status = await run(vault, tenant, "round-1", shm, command, vault.jwt_for(tenant, tmp_path))
     assert status == 0
-    assert run_session.login is not None
-    token_client = vault.admin.with_token(run_session.login.token)
-    with pytest.raises(PermissionDenied):
-        lookup_self(token_client)
-    with pytest.raises(VaultError):
-        KV(vault.admin, vault.layout.kv_mount).read(f"execution-contexts/{tenant}/round-1")
-    assert context_paths(vault, tenant) == []
+    accessor = events(logged, "logged in")[0]["accessor"]
+    assert not await accessor_alive(admin, accessor)
+    assert await context_paths(admin, vault, tenant) == []
     assert list(shm.iterdir()) == []
 
 
-def test_exit_code_is_the_commands_and_cleanup_still_happens(
-    vault: Vault, tenant: str, shm: Path, tmp_path: Path
+async def test_exit_code_is_the_commands_and_cleanup_still_happens(
+    vault: Vault, admin: VaultClient, tenant: str, shm: Path, tmp_path: Path
 ) -> None:
-    issue(vault, tenant, "code-7")
-    run_session = session(vault, tenant, "code-7", shm, vault.jwt_for(tenant, tmp_path))
-    assert run(run_session, [sys.executable, "-c", "import sys; sys.exit(7)"]) == 7
-    assert context_paths(vault, tenant) == []
+    await issue(admin, vault.layout, tenant, "code-7")
+    command = [sys.executable, "-c", "import sys; sys.exit(7)"]
+    assert await run(vault, tenant, "code-7", shm, command, vault.jwt_for(tenant, tmp_path)) == 7
+    assert await context_paths(admin, vault, tenant) == []
     assert list(shm.iterdir()) == []
 
 
-def test_round_trip_cli_and_accessor_revoked(
-    vault: Vault, tenant: str, shm: Path, tmp_path: Path
+async def test_round_trip_cli_and_accessor_revoked(
+    vault: Vault, admin: VaultClient, tenant: str, shm: Path, tmp_path: Path
 ) -> None:
-    issue(vault, tenant, "cli-run-1")
+    await issue(admin, vault.layout, tenant, "cli-run-1")
     jwt = vault.jwt_for(tenant, tmp_path)
     expected = {"GITHUB_TOKEN": digest("ghp_run_canary")}
     result = cli(
@@ -116,24 +158,20 @@ def test_round_trip_cli_and_accessor_revoked(
         "--jwt-file", str(jwt), "--", sys.executable, "-c", CHILD, json.dumps(expected),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    events = [json.loads(line) for line in result.stderr.splitlines()]
-    accessor = next(e["accessor"] for e in events if e["msg"] == "logged in")
-    ended = next(e for e in events if e["msg"] == "execution ended")
-    assert (
-        ended["context"] == "destroyed"
-        and ended["token"] == "revoked"
-        and ended["files_removed"] == 4
-    )
-    with pytest.raises(VaultError):
-        vault.admin.post("auth/token/lookup-accessor", {"accessor": accessor})
-    assert context_paths(vault, tenant) == []
+    logged = [json.loads(line) for line in result.stderr.splitlines()]
+    accessor = next(e["accessor"] for e in logged if e["msg"] == "logged in")
+    ended = next(e for e in logged if e["msg"] == "execution ended")
+    assert ended["context"] == "destroyed" and ended["lease"] == "revoked"
+    assert ended["claim"] == "released" and len(ended["files_removed"]) == 4
+    assert not await accessor_alive(admin, accessor)
+    assert await context_paths(admin, vault, tenant) == []
 
 
-def test_sigterm_is_forwarded_and_everything_cleaned(
-    vault: Vault, tenant: str, shm: Path, tmp_path: Path
+async def test_sigterm_is_forwarded_and_everything_cleaned(
+    vault: Vault, admin: VaultClient, tenant: str, shm: Path, tmp_path: Path
 ) -> None:
-    issue(vault, tenant, "sig-1")
-    marker = shm / "marker"
+    await issue(admin, vault.layout, tenant, "sig-1")
+    marker = tmp_path / "marker"
     child = (
         "import signal, sys, time, pathlib\n"
         f"p = pathlib.Path({str(marker)!r})\n"
@@ -142,72 +180,65 @@ def test_sigterm_is_forwarded_and_everything_cleaned(
         "time.sleep(60)\n"
     )
     process = start_run(vault, tenant, "sig-1", shm, vault.jwt_for(tenant, tmp_path), child)
-    deadline = time.monotonic() + 20
-    while not (marker.exists() and marker.read_text() == "ready") and time.monotonic() < deadline:
-        time.sleep(0.05)
+    await wait_until(lambda: marker.exists() and marker.read_text() == "ready", 20)
     assert (shm / "sig-1" / "env").exists()
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=20)
     assert process.returncode == 42, stderr
     assert marker.read_text() == "term"
     assert not (shm / "sig-1").exists()
-    assert context_paths(vault, tenant) == []
+    assert await context_paths(admin, vault, tenant) == []
 
 
-def test_disk_backed_out_refused(vault: Vault, tenant: str, tmp_path: Path) -> None:
-    issue(vault, tenant, "disk-1")
+async def test_disk_backed_out_refused(
+    vault: Vault, admin: VaultClient, tenant: str, tmp_path: Path
+) -> None:
+    await issue(admin, vault.layout, tenant, "disk-1")
     out = tmp_path / "out"
     result = cli(
         vault, "run", "--tenant", tenant, "--execution", "disk-1", "--out", str(out),
         "--jwt-file", str(vault.jwt_for(tenant, tmp_path)), "--", "true",
     )  # fmt: skip
-    assert result.returncode != 0
+    assert result.returncode == 6
     assert "disk-backed" in result.stderr and "--allow-disk" in result.stderr
     assert not (out / "disk-1").exists()
     assert "ghp_run_canary" not in result.stderr
 
 
-def test_other_tenants_identity_is_denied_by_vault(
-    vault: Vault, tenant: str, shm: Path, tmp_path: Path
+async def test_other_tenants_identity_is_denied_by_vault(
+    vault: Vault, admin: VaultClient, tenant: str, shm: Path, tmp_path: Path
 ) -> None:
-    issue(vault, tenant, "iso-1")
-    intruder = session(vault, tenant, "iso-1", shm, vault.jwt_for("beta", tmp_path))
+    await issue(admin, vault.layout, tenant, "iso-1")
     with pytest.raises(PermissionDenied):
-        run(intruder, ["true"])
-    assert context_paths(vault, tenant) == ["iso-1"]  # untouched
+        await run(vault, tenant, "iso-1", shm, ["true"], vault.jwt_for("beta", tmp_path))
+    assert await context_paths(admin, vault, tenant) == ["iso-1"]  # untouched
     assert list(shm.iterdir()) == []
 
 
-def test_jwt_for_wrong_service_account_cannot_log_in(
-    vault: Vault, tenant: str, shm: Path, tmp_path: Path
+async def test_jwt_for_wrong_service_account_cannot_log_in(
+    vault: Vault, admin: VaultClient, tenant: str, shm: Path, tmp_path: Path
 ) -> None:
-    from broker.errors import IdentityError
-
-    issue(vault, tenant, "sa-1")
+    await issue(admin, vault.layout, tenant, "sa-1")
     jwt = vault.jwt_for(tenant, tmp_path, service_account="default")
-    with pytest.raises(
-        IdentityError, match="jwt login at auth/jwt with role 'stigmer-runner' failed"
-    ):
-        run(session(vault, tenant, "sa-1", shm, jwt), ["true"])
-    assert context_paths(vault, tenant) == ["sa-1"]
+    with pytest.raises(IdentityError) as refused:
+        await run(vault, tenant, "sa-1", shm, ["true"], jwt)
+    assert "jwt login at auth/jwt with role 'stigmer-runner' failed" in str(refused.value)
+    assert "a claim is not allowed by the role" in str(refused.value)  # the server's reason
+    assert await context_paths(admin, vault, tenant) == ["sa-1"]
 
 
-def test_token_auth_uses_and_revokes_a_child(vault: Vault, tenant: str, shm: Path) -> None:
-    issue(vault, tenant, "tok-1")
-    run_session = ExecutionSession(
-        VaultClient(vault.server_settings(with_token=True)),
-        vault.layout,
-        RunOptions(tenant=tenant, execution_id="tok-1", out_dir=shm, auth="token"),
-    )
-    assert run(run_session, ["true"]) == 0
-    assert run_session.login is not None
-    with pytest.raises(PermissionDenied):
-        lookup_self(vault.admin.with_token(run_session.login.token))
-    assert lookup_self(vault.admin)["id"]  # the parent token is untouched
-    assert context_paths(vault, tenant) == []
+async def test_token_auth_uses_and_revokes_a_child(
+    vault: Vault, admin: VaultClient, tenant: str, shm: Path, logged: Any
+) -> None:
+    await issue(admin, vault.layout, tenant, "tok-1")
+    assert await run(vault, tenant, "tok-1", shm, ["true"], method="token") == 0
+    lease = events(logged, "execution prepared")[0]["lease_accessor"]
+    assert not await accessor_alive(admin, lease)
+    assert (await admin.get("auth/token/lookup-self"))["data"]["id"]  # the parent is untouched
+    assert await context_paths(admin, vault, tenant) == []
 
 
-def test_missing_context_is_a_clear_error(
+async def test_missing_context_is_a_clear_error(
     vault: Vault, tenant: str, shm: Path, tmp_path: Path
 ) -> None:
     result = cli(
@@ -215,27 +246,32 @@ def test_missing_context_is_a_clear_error(
         "--jwt-file", str(vault.jwt_for(tenant, tmp_path)), "--", "true",
     )  # fmt: skip
     assert result.returncode == 2
-    assert (
-        f"execution never-issued: no context in tenant {tenant}" in result.stderr.splitlines()[-1]
-    )
+    error = result.stderr.splitlines()[-2]
+    assert f"execution never-issued: no context in tenant {tenant}" in error
 
 
-def test_expired_context_is_refused(vault: Vault, tenant: str, shm: Path, tmp_path: Path) -> None:
-    issue(vault, tenant, "exp-1", ttl=1)
-    time.sleep(2.2)  # expiry is rounded up to the next second: at most 2 s away
-    with pytest.raises(ValidationError):
-        run(session(vault, tenant, "exp-1", shm, vault.jwt_for(tenant, tmp_path)), ["true"])
+async def test_expired_context_is_refused(
+    vault: Vault, admin: VaultClient, tenant: str, shm: Path, tmp_path: Path
+) -> None:
+    await issue(admin, vault.layout, tenant, "exp-1", ttl=1)
+    await asyncio.sleep(2.2)  # expiry is rounded up to the next second: at most 2 s away
+    # Refused by the runner (past expires_at) or already gone (KV's delete_version_after).
+    with pytest.raises((ContextExpired, ContextNotFound)):
+        await run(vault, tenant, "exp-1", shm, ["true"], vault.jwt_for(tenant, tmp_path))
 
 
-def test_command_not_found(vault: Vault, tenant: str, shm: Path, tmp_path: Path) -> None:
-    issue(vault, tenant, "nf-1")
+async def test_command_not_found(
+    vault: Vault, admin: VaultClient, tenant: str, shm: Path, tmp_path: Path
+) -> None:
+    await issue(admin, vault.layout, tenant, "nf-1")
     result = cli(
         vault, "run", "--tenant", tenant, "--execution", "nf-1", "--out", str(shm),
         "--jwt-file", str(vault.jwt_for(tenant, tmp_path)), "--", "/no/such/program",
     )  # fmt: skip
-    assert result.returncode != 0
+    assert result.returncode == 2
     assert "'/no/such/program' cannot be started" in result.stderr
     assert list(shm.iterdir()) == []
+    assert await context_paths(admin, vault, tenant) == []  # the execution ended
 
 
 def test_no_command_is_an_error(vault: Vault) -> None:
@@ -243,22 +279,13 @@ def test_no_command_is_an_error(vault: Vault) -> None:
     assert result.returncode == 2 and "no command given" in result.stderr
 
 
-def test_child_env_does_not_get_broker_credentials(vault: Vault) -> None:
-    options = RunOptions(tenant="acme", execution_id="x", out_dir=Path("/dev/shm"))
-    run_session = ExecutionSession(VaultClient(vault.server_settings()), vault.layout, options)
-    environ = run_session.child_environment(
-        {"VAULT_TOKEN": "t", "BAO_ADDR": "a", "PATH": os.environ["PATH"]}
-    )
-    assert set(environ) == {"PATH"}
-
-
-def test_a_thousand_secrets_round_trip(
-    vault: Vault, tenant: str, shm: Path, tmp_path: Path
+async def test_a_thousand_secrets_round_trip(
+    vault: Vault, admin: VaultClient, tenant: str, shm: Path, tmp_path: Path
 ) -> None:
-    """Larger than one request may carry: Environment and context storage, and Transit batches."""
+    """Larger than one request may carry: Environment and context storage, Transit batches."""
     data = {f"SECRET_{i}": (f"value-{i}-" + "x" * 40, True) for i in range(1000)}
-    EnvironmentStore(vault.admin, vault.layout).create(tenant, environment("big", **data))
-    ExecutionIssuer(vault.admin, vault.layout).create(
+    await EnvironmentStore(admin, vault.layout).create(tenant, environment("big", **data))
+    await ExecutionIssuer(admin, vault.layout).create(
         tenant, agent(), instance("big"), execution_id="big-1"
     )
     check = (
@@ -267,46 +294,51 @@ def test_a_thousand_secrets_round_trip(
         "ok = all(values[f'SECRET_{i}'] == os.environ[f'SECRET_{i}'] == f'value-{i}-' + 'x' * 40 for i in range(1000))\n"
         "sys.exit(0 if ok and len(values) == 1000 else 5)\n"
     )
-    assert (
-        run(
-            session(vault, tenant, "big-1", shm, vault.jwt_for(tenant, tmp_path)),
-            [sys.executable, "-c", check],
-        )
-        == 0
-    )
+    command = [sys.executable, "-c", check]
+    assert await run(vault, tenant, "big-1", shm, command, vault.jwt_for(tenant, tmp_path)) == 0
 
 
-def test_transit_batches_split_when_the_server_refuses_the_size(vault: Vault, tenant: str) -> None:
-    from broker.vault import Transit
-
-    transit = Transit(vault.admin, vault.layout.transit_mount, chunk=5000)  # above the server limit
+async def test_transit_batches_split_when_the_server_refuses_the_size(
+    vault: Vault, admin: VaultClient, tenant: str
+) -> None:
+    transit = Transit(admin, vault.layout.transit_mount, max_items=5000)  # above the limit
     values = [f"v{i}" for i in range(1200)]
-    ciphertexts = transit.encrypt(vault.layout.transit_key(tenant), values)
-    assert transit.decrypt(vault.layout.transit_key(tenant), ciphertexts) == values
+    ciphertexts = await transit.encrypt(vault.layout.transit_key(tenant), values)
+    assert await transit.decrypt(vault.layout.transit_key(tenant), ciphertexts) == values
 
 
-def test_tampered_ciphertext_is_one_opaque_error(vault: Vault, tenant: str) -> None:
-    from broker.errors import DecryptError
-    from broker.vault import Transit
-
-    transit = Transit(vault.admin, vault.layout.transit_mount)
-    good = transit.encrypt(vault.layout.transit_key(tenant), ["a", "b"])
+async def test_tampered_ciphertext_is_one_opaque_error(
+    vault: Vault, admin: VaultClient, tenant: str
+) -> None:
+    transit = Transit(admin, vault.layout.transit_mount)
+    good = await transit.encrypt(vault.layout.transit_key(tenant), ["a", "b"])
     with pytest.raises(DecryptError) as caught:
-        transit.decrypt(vault.layout.transit_key(tenant), [good[0], good[1][:-4] + "AAAA"])
+        await transit.decrypt(vault.layout.transit_key(tenant), [good[0], good[1][:-4] + "AAAA"])
     assert str(caught.value) == "decryption failed for the execution's secrets"
 
 
-def test_long_command_outlives_the_login_ttl(
-    vault: Vault, tenant: str, shm: Path, tmp_path: Path
+async def test_long_command_outlives_the_login_ttl(
+    vault: Vault, admin: VaultClient, tenant: str, shm: Path, tmp_path: Path, logged: Any
 ) -> None:
     """The runner renews its token, so cleanup still works after the first TTL ran out."""
-    vault.runner_role_like("short-ttl", token_ttl=2, token_max_ttl=60)
-    issue(vault, tenant, "long-1")
-    run_session = session(
-        vault, tenant, "long-1", shm, vault.jwt_for(tenant, tmp_path), role="short-ttl"
-    )
-    assert run(run_session, [sys.executable, "-c", "import time; time.sleep(4)"]) == 0
-    assert context_paths(vault, tenant) == []
-    assert run_session.login is not None and run_session.login.ttl == 2
-    with pytest.raises(PermissionDenied):
-        lookup_self(vault.admin.with_token(run_session.login.token))
+    await runner_role_like(admin, "short-ttl", token_ttl=2, token_max_ttl=60)
+    await issue(admin, vault.layout, tenant, "long-1", ttl=40)
+    command = [sys.executable, "-c", "import time; time.sleep(4)"]
+    jwt = vault.jwt_for(tenant, tmp_path)
+    status = await run(vault, tenant, "long-1", shm, command, jwt, role="short-ttl",
+                       login_max_ttl=60)  # fmt: skip
+    assert status == 0
+    assert await context_paths(admin, vault, tenant) == []
+    login = events(logged, "logged in")[0]
+    assert login["ttl"] == 2
+    assert not await accessor_alive(admin, login["accessor"])
+
+
+async def test_a_context_outliving_the_login_is_refused_before_decrypting(
+    vault: Vault, admin: VaultClient, tenant: str, shm: Path, tmp_path: Path
+) -> None:
+    await issue(admin, vault.layout, tenant, "too-long", ttl=600)
+    with pytest.raises(ValidationError, match="longer than a lease can"):
+        await run(vault, tenant, "too-long", shm, ["true"], vault.jwt_for(tenant, tmp_path),
+                  login_max_ttl=120)  # fmt: skip
+    assert await context_paths(admin, vault, tenant) == ["too-long"]

@@ -10,22 +10,20 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+import urllib.request
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
-import requests
 
 from broker.client import AsyncBrokerClient, BrokerClient, BrokerClientError
-from broker.control.environments import EnvironmentStore
-from broker.control.executions import ExecutionIssuer, RuntimeValue
-from broker.devserver import free_port
-from broker.errors import VaultError
-from broker.vault import KV
-from tests.conftest import Vault, context_paths
-from tests.test_control import agent, environment, instance
+from broker.control.executions import RuntimeValue
+from broker.dev.server import free_port
+from broker.vault import KV, VaultClient
+from tests.conftest import Vault, accessor_alive, context_paths, runner_role_like, wait_until
+from tests.factories import HTTP_SERVER, issue_secrets
 
 CANARY = "cnry-sidecar-3e9f1b-do-not-leak"
 
@@ -43,7 +41,9 @@ class Sidecar:
         return [json.loads(line) for line in self.log.read_text().splitlines() if line.strip()]
 
     def metrics(self) -> str:
-        return requests.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).text
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as answer:
+            return str(answer.read().decode())
 
     def stop(self) -> int:
         if self.process.poll() is None:
@@ -51,7 +51,7 @@ class Sidecar:
         return self.process.wait(30)
 
 
-def start_sidecar(
+async def start_sidecar(
     vault: Vault, tenant: str, tmp_path: Path, shm: Path, *extra: str, name: str = "a"
 ) -> Sidecar:
     shm.chmod(0o750)  # like a shared volume: the runner's group may enter, others may not
@@ -69,62 +69,47 @@ def start_sidecar(
             env=environ, stdout=subprocess.DEVNULL, stderr=log_file,
         )  # fmt: skip
     client = BrokerClient(socket_path, timeout=30)
-    deadline = time.monotonic() + 20
-    while not (socket_path.exists() and client.ready()):
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise AssertionError(f"sidecar did not start: {log.read_text()}")
-        time.sleep(0.05)
+
+    def up() -> bool:
+        if process.poll() is not None:
+            raise AssertionError(f"sidecar exited at start: {log.read_text()}")
+        return socket_path.exists() and client.ready()
+
+    await wait_until(up, 20, "the sidecar to be ready")
     return Sidecar(process, socket_path, out, log, port, client)
 
 
 @pytest.fixture
-def sidecar(vault: Vault, tenant: str, tmp_path: Path, shm: Path) -> Iterator[Sidecar]:
-    running = start_sidecar(vault, tenant, tmp_path, shm, "--lease-check-interval", "0.3")
+async def sidecar(vault: Vault, tenant: str, tmp_path: Path, shm: Path) -> AsyncIterator[Sidecar]:
+    running = await start_sidecar(vault, tenant, tmp_path, shm, "--lease-check-interval", "0.3")
     yield running
     running.stop()
 
 
-def issue(
+async def issue(
+    admin: VaultClient,
     vault: Vault,
     tenant: str,
     execution_id: str,
     ttl: timedelta = timedelta(minutes=5),
     secrets: int = 1,
 ) -> None:
-    data = {f"TOKEN_{i}": (f"{CANARY}-{i}", True) for i in range(secrets)}
-    EnvironmentStore(vault.admin, vault.layout).apply(tenant, environment("sc-env", **data))
-    ExecutionIssuer(vault.admin, vault.layout).create(
-        tenant,
-        agent(
-            servers=[
-                {
-                    "name": "api",
-                    "http": {"url": "https://x.example", "headers": {"A": "Bearer ${TOKEN_0}"}},
-                }
-            ]
-        ),
-        instance("sc-env"),
-        runtime_env={"MODE": RuntimeValue("fast")},
-        ttl=ttl,
-        execution_id=execution_id,
-    )
+    values = {f"TOKEN_{i}": (f"{CANARY}-{i}", True) for i in range(secrets)}
+    await issue_secrets(
+        admin, vault.layout, tenant, execution_id, values, ttl, [HTTP_SERVER],
+        {"MODE": RuntimeValue("fast")},
+    )  # fmt: skip
 
 
-def lease_accessor(vault: Vault, tenant: str, execution_id: str) -> str:
-    claim = KV(vault.admin, "stigmer").read(f"execution-claims/{tenant}/{execution_id}").data
+async def lease_accessor(admin: VaultClient, tenant: str, execution_id: str) -> str:
+    claim = (await KV(admin, "stigmer").read(f"execution-claims/{tenant}/{execution_id}")).data
     return str(claim["lease_accessor"])
 
 
-def accessor_alive(vault: Vault, accessor: str) -> bool:
-    try:
-        vault.admin.post("auth/token/lookup-accessor", {"accessor": accessor})
-    except VaultError:
-        return False
-    return True
-
-
-def test_prepare_resolve_end(vault: Vault, tenant: str, sidecar: Sidecar) -> None:
-    issue(vault, tenant, "sc-1")
+async def test_prepare_resolve_end(
+    vault: Vault, admin: VaultClient, tenant: str, sidecar: Sidecar
+) -> None:
+    await issue(admin, vault, tenant, "sc-1")
     prepared = sidecar.client.prepare("sc-1")
     assert prepared.state == "active"
     assert prepared.variables == {"MODE": {"secret": False}, "TOKEN_0": {"secret": True}}
@@ -135,10 +120,10 @@ def test_prepare_resolve_end(vault: Vault, tenant: str, sidecar: Sidecar) -> Non
     assert prepared.environ()["TOKEN_0"] == f"{CANARY}-0"
     again = sidecar.client.prepare("sc-1")  # same caller: same answer
     assert again == prepared
-    claim = KV(vault.admin, "stigmer").read(f"execution-claims/{tenant}/sc-1").data
-    assert claim["pod"] == "pod-a"
+    claim = (await KV(admin, "stigmer").read(f"execution-claims/{tenant}/sc-1")).data
+    assert claim["pod"] == "pod-a" and claim["mode"] == "sidecar"
     accessor = claim["lease_accessor"]
-    lease = vault.admin.post("auth/token/lookup-accessor", {"accessor": accessor})["data"]
+    lease = (await admin.post("auth/token/lookup-accessor", {"accessor": accessor}))["data"]
     assert lease["meta"] == {"execution_id": "sc-1", "tenant": tenant, "pod": "pod-a"}
     assert lease["policies"] == ["stigmer-runner"]
     assert sidecar.client.resolve("sc-1", {"h": ["x ${.secrets.TOKEN_0}", 3], "m": "${MODE}"}) == {
@@ -153,14 +138,16 @@ def test_prepare_resolve_end(vault: Vault, tenant: str, sidecar: Sidecar) -> Non
     assert ended["ended"]["context"] == "destroyed" and ended["ended"]["lease"] == "revoked"
     assert ended["ended"]["claim"] == "released"
     assert not prepared.directory.exists()
-    assert not accessor_alive(vault, accessor)
-    assert context_paths(vault, tenant) == []
+    assert not await accessor_alive(admin, accessor)
+    assert await context_paths(admin, vault, tenant) == []
     with pytest.raises(BrokerClientError) as gone:
         sidecar.client.prepare("sc-1")
     assert gone.value.status == 410
 
 
-def test_errors_have_statuses(vault: Vault, tenant: str, sidecar: Sidecar) -> None:
+async def test_errors_have_statuses(
+    vault: Vault, admin: VaultClient, tenant: str, sidecar: Sidecar
+) -> None:
     with pytest.raises(BrokerClientError) as missing:
         sidecar.client.prepare("never-issued")
     assert missing.value.status == 404 and "no context" in str(missing.value)
@@ -173,51 +160,55 @@ def test_errors_have_statuses(vault: Vault, tenant: str, sidecar: Sidecar) -> No
     assert list(sidecar.out.iterdir()) == []
 
 
-def test_context_manager_ends_on_exception(vault: Vault, tenant: str, sidecar: Sidecar) -> None:
-    issue(vault, tenant, "cm-1")
+async def test_context_manager_ends_on_exception(
+    vault: Vault, admin: VaultClient, tenant: str, sidecar: Sidecar
+) -> None:
+    await issue(admin, vault, tenant, "cm-1")
     with pytest.raises(RuntimeError), sidecar.client.execution("cm-1") as prepared:
         assert prepared.env_file.exists()
         raise RuntimeError("the agent crashed")
     assert not prepared.directory.exists()
-    assert context_paths(vault, tenant) == []
+    assert await context_paths(admin, vault, tenant) == []
 
 
-def test_sigterm_ends_every_active_execution(vault: Vault, tenant: str, sidecar: Sidecar) -> None:
+async def test_sigterm_ends_every_active_execution(
+    vault: Vault, admin: VaultClient, tenant: str, sidecar: Sidecar
+) -> None:
     ids = [f"term-{i}" for i in range(20)]
     for execution_id in ids:
-        issue(vault, tenant, execution_id)
+        await issue(admin, vault, tenant, execution_id)
     prepared = [sidecar.client.prepare(i) for i in ids]
-    accessors = [lease_accessor(vault, tenant, i) for i in ids]
+    accessors = [await lease_accessor(admin, tenant, i) for i in ids]
     login = next(e["accessor"] for e in sidecar.events() if e["msg"] == "logged in")
     assert sidecar.stop() == 0
     assert all(not p.directory.exists() for p in prepared)
-    assert not any(accessor_alive(vault, a) for a in accessors)
-    assert not accessor_alive(vault, str(login))
-    assert context_paths(vault, tenant) == []
+    assert not [a for a in accessors if await accessor_alive(admin, a)]
+    assert not await accessor_alive(admin, str(login))
+    assert await context_paths(admin, vault, tenant) == []
     assert not sidecar.socket.exists()
     stopped = next(e for e in sidecar.events() if e["msg"] == "sidecar stopped")
     assert isinstance(stopped["seconds"], float)
 
 
-def test_ttl_expiry_without_delete(vault: Vault, tenant: str, sidecar: Sidecar) -> None:
-    issue(vault, tenant, "ttl-1", ttl=timedelta(seconds=2))
+async def test_ttl_expiry_without_delete(
+    vault: Vault, admin: VaultClient, tenant: str, sidecar: Sidecar
+) -> None:
+    await issue(admin, vault, tenant, "ttl-1", ttl=timedelta(seconds=2))
     prepared = sidecar.client.prepare("ttl-1")
-    accessor = lease_accessor(vault, tenant, "ttl-1")
-    deadline = time.monotonic() + 10
-    while sidecar.client.get("ttl-1")["state"] != "ended" and time.monotonic() < deadline:
-        time.sleep(0.1)
+    accessor = await lease_accessor(admin, tenant, "ttl-1")
+    await wait_until(lambda: sidecar.client.get("ttl-1")["state"] == "ended", 10)
     assert sidecar.client.get("ttl-1")["ended"]["reason"] == "expired"
     assert not prepared.directory.exists()
-    assert not accessor_alive(vault, accessor)
-    assert context_paths(vault, tenant) == []
+    assert not await accessor_alive(admin, accessor)
+    assert await context_paths(admin, vault, tenant) == []
 
 
-def test_second_sidecar_is_refused_and_first_untouched(
-    vault: Vault, tenant: str, sidecar: Sidecar, tmp_path: Path, shm: Path
+async def test_second_sidecar_is_refused_and_first_untouched(
+    vault: Vault, admin: VaultClient, tenant: str, sidecar: Sidecar, tmp_path: Path, shm: Path
 ) -> None:
-    issue(vault, tenant, "dup-1")
+    await issue(admin, vault, tenant, "dup-1")
     first = sidecar.client.prepare("dup-1")
-    other = start_sidecar(vault, tenant, tmp_path, shm, name="b")
+    other = await start_sidecar(vault, tenant, tmp_path, shm, name="b")
     try:
         with pytest.raises(BrokerClientError) as refused:
             other.client.prepare("dup-1")
@@ -226,52 +217,42 @@ def test_second_sidecar_is_refused_and_first_untouched(
         assert "stigmer_broker_claim_conflicts_total 1.0" in other.metrics()
         assert list(other.out.iterdir()) == []
     finally:
-        other.stop()
+        assert other.stop() == 0
     assert sidecar.client.get("dup-1")["state"] == "active"
     assert first.env_file.exists()
-    assert accessor_alive(vault, lease_accessor(vault, tenant, "dup-1"))
-    assert (
-        "stigmer_broker_claim_conflicts_total 1.0" in other.metrics()
-        if other.process.poll() is None
-        else True
-    )
+    assert await accessor_alive(admin, await lease_accessor(admin, tenant, "dup-1"))
 
 
-def test_lease_revoked_from_outside(vault: Vault, tenant: str, sidecar: Sidecar) -> None:
-    issue(vault, tenant, "rev-1")
+async def test_lease_revoked_from_outside(
+    vault: Vault, admin: VaultClient, tenant: str, sidecar: Sidecar
+) -> None:
+    await issue(admin, vault, tenant, "rev-1")
     prepared = sidecar.client.prepare("rev-1")
-    vault.admin.post(
-        "auth/token/revoke-accessor", {"accessor": lease_accessor(vault, tenant, "rev-1")}
-    )
-    deadline = time.monotonic() + 10
-    while sidecar.client.get("rev-1")["state"] != "failed" and time.monotonic() < deadline:
-        time.sleep(0.1)
+    accessor = await lease_accessor(admin, tenant, "rev-1")
+    await admin.post("auth/token/revoke-accessor", {"accessor": accessor})
+    await wait_until(lambda: sidecar.client.get("rev-1")["state"] == "failed", 10)
     state = sidecar.client.get("rev-1")
     assert state["state"] == "failed" and state["ended"]["reason"] == "lease revoked"
     assert not prepared.directory.exists()
-    assert context_paths(vault, tenant) == []
+    assert await context_paths(admin, vault, tenant) == []
     assert [e["msg"] for e in sidecar.events()].count("logged in") == 1  # the login was fine
 
 
-def test_login_revoked_from_outside_reauthenticates_once(
-    vault: Vault, tenant: str, sidecar: Sidecar
+async def test_login_revoked_from_outside_reauthenticates_once(
+    vault: Vault, admin: VaultClient, tenant: str, sidecar: Sidecar
 ) -> None:
     ids = [f"relog-{i}" for i in range(3)]
     for execution_id in ids:
-        issue(vault, tenant, execution_id)
+        await issue(admin, vault, tenant, execution_id)
     prepared = [sidecar.client.prepare(i) for i in ids]
     login = next(e["accessor"] for e in sidecar.events() if e["msg"] == "logged in")
-    vault.admin.post("auth/token/revoke-accessor", {"accessor": login})  # takes every lease with it
-    deadline = time.monotonic() + 15
-    while (
-        any(sidecar.client.get(i)["state"] != "failed" for i in ids) and time.monotonic() < deadline
-    ):
-        time.sleep(0.1)
+    await admin.post("auth/token/revoke-accessor", {"accessor": login})  # and every lease
+    await wait_until(lambda: all(sidecar.client.get(i)["state"] == "failed" for i in ids), 15)
     assert all(sidecar.client.get(i)["state"] == "failed" for i in ids)
     assert all(not p.directory.exists() for p in prepared)
-    assert context_paths(vault, tenant) == []
+    assert await context_paths(admin, vault, tenant) == []
     assert [e["msg"] for e in sidecar.events()].count("logged in") == 2  # re-authenticated once
-    issue(vault, tenant, "relog-after")
+    await issue(admin, vault, tenant, "relog-after")
     assert sidecar.client.prepare("relog-after").state == "active"  # and works again
     assert sidecar.client.ready()
 
@@ -293,8 +274,10 @@ def _as_nobody(socket_path: Path, execution_id: str) -> tuple[int, str]:
     return int(result.stdout.strip() or 0), result.stderr
 
 
-def test_peer_uid_not_allowed_gets_403(vault: Vault, tenant: str, sidecar: Sidecar) -> None:
-    issue(vault, tenant, "peer-1")
+async def test_peer_uid_not_allowed_gets_403(
+    vault: Vault, admin: VaultClient, tenant: str, sidecar: Sidecar
+) -> None:
+    await issue(admin, vault, tenant, "peer-1")
     status, stderr = _as_nobody(sidecar.socket, "peer-1")
     assert status == 403, stderr
     refused = [e for e in sidecar.events() if e["msg"] == "security: socket peer refused"]
@@ -303,14 +286,14 @@ def test_peer_uid_not_allowed_gets_403(vault: Vault, tenant: str, sidecar: Sidec
     assert "stigmer_broker_denied_peers_total 1.0" in sidecar.metrics()
 
 
-def test_another_allowed_caller_cannot_take_an_execution(
-    vault: Vault, tenant: str, tmp_path: Path, shm: Path
+async def test_another_allowed_caller_cannot_take_an_execution(
+    vault: Vault, admin: VaultClient, tenant: str, tmp_path: Path, shm: Path
 ) -> None:
-    running = start_sidecar(
+    running = await start_sidecar(
         vault, tenant, tmp_path, shm, "--allow-uid", "0", "--allow-uid", "65534", name="c"
     )
     try:
-        issue(vault, tenant, "own-1")
+        await issue(admin, vault, tenant, "own-1")
         running.client.prepare("own-1")
         status, stderr = _as_nobody(running.socket, "own-1")
         assert status == 409, stderr
@@ -319,19 +302,21 @@ def test_another_allowed_caller_cannot_take_an_execution(
         assert running.stop() == 0
 
 
-def test_fifty_concurrent_executions(vault: Vault, tenant: str, sidecar: Sidecar) -> None:
+async def test_fifty_concurrent_executions(
+    vault: Vault, admin: VaultClient, tenant: str, sidecar: Sidecar
+) -> None:
     ids = [f"many-{i}" for i in range(50)]
     for execution_id in ids:
-        issue(vault, tenant, execution_id)
+        await issue(admin, vault, tenant, execution_id)
 
     async def prepare_all() -> list[str]:
         async with AsyncBrokerClient(sidecar.socket) as client:
             prepared = await asyncio.gather(*(client.prepare(i) for i in ids))
             return [str(p.directory) for p in prepared]
 
-    directories = asyncio.run(prepare_all())
+    directories = await prepare_all()
     assert len(set(directories)) == 50
-    accessors = {lease_accessor(vault, tenant, i) for i in ids}
+    accessors = {await lease_accessor(admin, tenant, i) for i in ids}
     assert len(accessors) == 50
     order = ids[:]
     random.shuffle(order)
@@ -340,17 +325,17 @@ def test_fifty_concurrent_executions(vault: Vault, tenant: str, sidecar: Sidecar
         async with AsyncBrokerClient(sidecar.socket) as client:
             await asyncio.gather(*(client.end(i) for i in order))
 
-    asyncio.run(end_all())
+    await end_all()
     assert all(not Path(d).exists() for d in directories)
-    assert not any(accessor_alive(vault, a) for a in accessors)
-    assert context_paths(vault, tenant) == []
+    assert not [a for a in accessors if await accessor_alive(admin, a)]
+    assert await context_paths(admin, vault, tenant) == []
     assert "stigmer_broker_executions_started_total 50.0" in sidecar.metrics()
 
 
-def test_canaries_stay_out_of_logs_metrics_environ_and_cmdline(
-    vault: Vault, tenant: str, sidecar: Sidecar
+async def test_canaries_stay_out_of_logs_metrics_environ_and_cmdline(
+    vault: Vault, admin: VaultClient, tenant: str, sidecar: Sidecar
 ) -> None:
-    issue(vault, tenant, "canary-1", secrets=3)
+    await issue(admin, vault, tenant, "canary-1", secrets=3)
     prepared = sidecar.client.prepare("canary-1")
     assert CANARY in prepared.env_json.read_text()  # live canaries
     sidecar.client.resolve("canary-1", {"a": "${TOKEN_1}"})
@@ -367,49 +352,48 @@ def test_canaries_stay_out_of_logs_metrics_environ_and_cmdline(
     assert "VAULT_TOKEN" not in environ
 
 
-def test_startup_deadline_with_vault_unreachable(tenant: str, tmp_path: Path, shm: Path) -> None:
+def test_startup_deadline_with_vault_unreachable(tmp_path: Path, shm: Path) -> None:
     environ = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
     environ["VAULT_ADDR"] = f"http://127.0.0.1:{free_port()}"
     jwt = tmp_path / "jwt"
     jwt.write_text("x.y.z")
     started = time.monotonic()
     result = subprocess.run(
-        [sys.executable, "-m", "broker.cli", "sidecar", "--tenant", tenant, "--socket", str(tmp_path / "s.sock"),
+        [sys.executable, "-m", "broker.cli", "sidecar", "--tenant", "acme", "--socket", str(tmp_path / "s.sock"),
          "--out", str(shm / "o"), "--jwt-file", str(jwt), "--startup-timeout", "2s", "--metrics-addr", ""],
         env=environ, capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
-    assert result.returncode == 4
-    assert (
-        "jwt login at auth/jwt with role 'stigmer-runner' failed: cannot reach Vault"
-        in result.stderr.splitlines()[-1]
-    )
+    assert result.returncode == 3  # Vault is unreachable: the Vault code, not the identity one
+    assert "vault login auth/jwt/login: cannot reach Vault" in result.stderr.splitlines()[-2]
+    assert result.stderr.splitlines()[-1].startswith("stigmer-broker: hint: ")
     assert time.monotonic() - started >= 2
-    assert sum("login failed, retrying" in line for line in result.stderr.splitlines()) >= 2
+    retries = [line for line in result.stderr.splitlines() if "failed, retrying" in line]
+    assert len(retries) >= 2 and all('"fault": "unreachable"' in line for line in retries)
     assert not (tmp_path / "s.sock").exists()
     assert not (shm / "o").exists() or list((shm / "o").iterdir()) == []
 
 
-def test_disk_backed_out_is_refused_at_startup(vault: Vault, tenant: str, tmp_path: Path) -> None:
+def test_disk_backed_out_is_refused_at_startup(vault: Vault, tmp_path: Path) -> None:
     environ = vault.environ()
     environ.pop("VAULT_TOKEN")
     result = subprocess.run(
-        [sys.executable, "-m", "broker.cli", "sidecar", "--tenant", tenant, "--socket", str(tmp_path / "s.sock"),
-         "--out", str(tmp_path / "out"), "--jwt-file", str(vault.jwt_for(tenant, tmp_path)), "--metrics-addr", ""],
+        [sys.executable, "-m", "broker.cli", "sidecar", "--tenant", "acme", "--socket", str(tmp_path / "s.sock"),
+         "--out", str(tmp_path / "out"), "--jwt-file", str(vault.jwt_for("acme", tmp_path)), "--metrics-addr", ""],
         env=environ, capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert result.returncode == 6 and "disk-backed" in result.stderr
 
 
-def test_renews_and_logs_in_again_at_max_ttl(
-    vault: Vault, tenant: str, tmp_path: Path, shm: Path
+async def test_renews_and_logs_in_again_at_max_ttl(
+    vault: Vault, admin: VaultClient, tenant: str, tmp_path: Path, shm: Path
 ) -> None:
-    """TTL 2 s, max 5 s: renewals keep it alive, then a fresh login when renewal stops helping."""
-    vault.runner_role_like("sidecar-short", token_ttl=2, token_max_ttl=5)
-    running = start_sidecar(
-        vault, tenant, tmp_path, shm, "--role", "sidecar-short", "--login-max-ttl", "5s", name="r"
+    """TTL 2 s, max 8 s: renewals keep it alive, then a fresh login when renewal stops helping."""
+    await runner_role_like(admin, "sidecar-short", token_ttl=2, token_max_ttl=8)
+    running = await start_sidecar(
+        vault, tenant, tmp_path, shm, "--role", "sidecar-short", "--login-max-ttl", "8s", name="r"
     )
     try:
-        time.sleep(7)
+        await asyncio.sleep(9)
         assert running.client.ready()
         metrics = running.metrics()
         renewals = next(
@@ -424,17 +408,17 @@ def test_renews_and_logs_in_again_at_max_ttl(
             if line.startswith('stigmer_broker_logins_total{result="ok"}')
         )
         assert float(logins.split()[-1]) >= 2
-        issue(vault, tenant, "short-1")
+        await issue(admin, vault, tenant, "short-1", ttl=timedelta(seconds=3))
         assert running.client.prepare("short-1").state == "active"
     finally:
         assert running.stop() == 0
-    assert context_paths(vault, tenant) == []
+    assert await context_paths(admin, vault, tenant) == []
 
 
-def test_async_context_manager_ends_on_exception(
-    vault: Vault, tenant: str, sidecar: Sidecar
+async def test_async_context_manager_ends_on_exception(
+    vault: Vault, admin: VaultClient, tenant: str, sidecar: Sidecar
 ) -> None:
-    issue(vault, tenant, "acm-1")
+    await issue(admin, vault, tenant, "acm-1")
 
     async def use() -> Path:
         async with AsyncBrokerClient(sidecar.socket) as client:
@@ -446,39 +430,39 @@ def test_async_context_manager_ends_on_exception(
                 return prepared.directory
         raise AssertionError("unreachable")
 
-    directory = asyncio.run(use())
+    directory = await use()
     assert not directory.exists()
     assert sidecar.client.get("acm-1")["state"] == "ended"
 
 
-def test_files_are_readable_by_the_runners_group_only(
-    vault: Vault, tenant: str, sidecar: Sidecar
+async def test_files_are_private_to_the_broker_and_its_caller(
+    vault: Vault, admin: VaultClient, tenant: str, sidecar: Sidecar
 ) -> None:
-    """The runner is another uid in the broker's group (deploy/kubernetes): 0750 / 0440."""
-    issue(vault, tenant, "modes-1")
+    """0700 / 0400: the caller here is the broker's own uid, so no ACL entry is added."""
+    await issue(admin, vault, tenant, "modes-1")
     prepared = sidecar.client.prepare("modes-1")
-    assert oct(prepared.directory.stat().st_mode & 0o777) == "0o750"
+    assert oct(prepared.directory.stat().st_mode & 0o777) == "0o700"
     for name in ("env", "env.json", "mcp.json", "manifest.json"):
-        assert oct((prepared.directory / name).stat().st_mode & 0o777) == "0o440"
+        assert oct((prepared.directory / name).stat().st_mode & 0o777) == "0o400"
 
 
-def test_second_signal_forces_exit(vault: Vault, tenant: str, sidecar: Sidecar) -> None:
+async def test_second_signal_forces_exit(
+    vault: Vault, admin: VaultClient, tenant: str, sidecar: Sidecar
+) -> None:
     for n in range(20):
-        issue(vault, tenant, f"force-{n}")
+        await issue(admin, vault, tenant, f"force-{n}")
         sidecar.client.prepare(f"force-{n}")
     sidecar.process.send_signal(signal.SIGTERM)
-    time.sleep(0.02)
+    await asyncio.sleep(0.02)
     sidecar.process.send_signal(signal.SIGINT)
     assert sidecar.process.wait(30) == 130
     assert any(e["msg"] == "second signal: exiting now" for e in sidecar.events())
 
 
-def test_refuses_a_vault_token_in_its_environment(
-    vault: Vault, tenant: str, tmp_path: Path, shm: Path
-) -> None:
+def test_refuses_a_vault_token_in_its_environment(vault: Vault, tmp_path: Path, shm: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "broker.cli", "sidecar", "--tenant", tenant, "--socket", str(shm / "t.sock"),
-         "--out", str(shm / "o"), "--jwt-file", str(vault.jwt_for(tenant, tmp_path)), "--metrics-addr", ""],
+        [sys.executable, "-m", "broker.cli", "sidecar", "--tenant", "acme", "--socket", str(shm / "t.sock"),
+         "--out", str(shm / "o"), "--jwt-file", str(vault.jwt_for("acme", tmp_path)), "--metrics-addr", ""],
         env=vault.environ(), capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert result.returncode == 2

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from broker import ids
+from broker import names
 from broker.config import Layout
+from broker.control.stored import load_stored
 from broker.errors import Conflict, NotFound, ValidationError
 from broker.model import Environment, to_document
-from broker.store import load_stored
 from broker.vault import KV, Transit, VaultClient
 
 MASK = "<secret>"
@@ -36,13 +36,13 @@ class EnvironmentStore:
         self._kv = KV(client, layout.kv_mount)
         self._transit = Transit(client, layout.transit_mount)
 
-    def _sealed(self, tenant: str, environment: Environment) -> dict[str, Any]:
+    async def _sealed(self, tenant: str, environment: Environment) -> dict[str, Any]:
         """The document to store: secret values replaced by their ciphertext, in one batch."""
         document = environment.model_dump(mode="json", exclude_none=True)
         data = document["spec"]["data"]
         names = [n for n, e in data.items() if e["is_secret"] and e["value"]]
         if names:
-            ciphertexts = self._transit.encrypt(
+            ciphertexts = await self._transit.encrypt(
                 self._layout.transit_key(tenant), [data[n]["value"] for n in names]
             )
             for name, ciphertext in zip(names, ciphertexts, strict=True):
@@ -50,39 +50,39 @@ class EnvironmentStore:
         document["metadata"]["name"] = environment.name
         return document
 
-    def apply(self, tenant: str, environment: Environment) -> int:
+    async def apply(self, tenant: str, environment: Environment) -> int:
         """Create or replace; check-and-set on the version read, so a concurrent edit fails."""
         path = self._layout.environment_path(tenant, environment.name)
         try:
-            version = self._kv.read_resource(path)[1]
+            version = (await self._kv.read_resource(path))[1]
         except NotFound:
             version = 0
-        document = self._sealed(tenant, environment)
+        document = await self._sealed(tenant, environment)
         try:
-            return self._kv.write_resource(path, document, cas=version)
+            return await self._kv.write_resource(path, document, cas=version)
         except Conflict:
             raise ValidationError(
                 f"Environment {environment.name}",
                 ["changed concurrently while being applied; apply again"],
             ) from None
 
-    def create(self, tenant: str, environment: Environment) -> int:
+    async def create(self, tenant: str, environment: Environment) -> int:
         """Create only: an existing Environment of that name is an error, left untouched."""
         path = self._layout.environment_path(tenant, environment.name)
-        document = self._sealed(tenant, environment)
+        document = await self._sealed(tenant, environment)
         try:
-            return self._kv.write_resource(path, document, cas=0)
+            return await self._kv.write_resource(path, document, cas=0)
         except Conflict:
             raise ValidationError(
                 f"Environment {environment.name}",
                 [f"already exists in tenant {tenant} (use `env apply` to replace it)"],
             ) from None
 
-    def get(self, tenant: str, name: str) -> Environment:
+    async def get(self, tenant: str, name: str) -> Environment:
         """The stored Environment; secret values are ciphertext."""
         path = self._layout.environment_path(tenant, name)
         label = f"Environment {name}"
-        environment = load_stored(
+        environment = await load_stored(
             self._kv, path, Environment, label, f"not found in tenant {tenant}"
         )
         for key, entry in environment.spec.data.items():
@@ -92,10 +92,10 @@ class EnvironmentStore:
                 )
         return environment
 
-    def list(self, tenant: str) -> list[str]:
-        keys = self._kv.list(self._layout.environments_dir(tenant))
+    async def list(self, tenant: str) -> list[str]:
+        keys = await self._kv.list(self._layout.environments_dir(tenant))
         return sorted(k for k in keys if not k.endswith("/"))
 
-    def delete(self, tenant: str, name: str) -> None:
-        self.get(tenant, ids.environment_name(name))  # a clear error when it does not exist
-        self._kv.destroy(self._layout.environment_path(tenant, name))
+    async def delete(self, tenant: str, name: str) -> None:
+        await self.get(tenant, names.environment_name(name))  # a clear error when absent
+        await self._kv.destroy(self._layout.environment_path(tenant, name))

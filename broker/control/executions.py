@@ -1,8 +1,9 @@
 """Execution create = resolve + issue: merge on ciphertext, check placeholders, write the context.
 
 Everything that can be refused is checked before the first write, so invalid input leaves
-nothing in Vault. The only writes are the context (check-and-set 0) and its metadata
-(``delete_version_after``); if the second fails the first is destroyed.
+nothing in Vault. The context's metadata goes first — ``delete_version_after`` (the TTL),
+``max_versions`` 1 and custom metadata with the tenant and ``expires_at`` — so KV's own expiry
+applies from the first version, then the context itself with check-and-set 0.
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from broker import ids
+from broker import names
 from broker.config import Layout
 from broker.control.environments import MASK, EnvironmentStore, is_ciphertext
-from broker.errors import BrokerError, Conflict, ValidationError
+from broker.errors import Conflict, ContextNotFound, NotFound, ValidationError
 from broker.model import (
     API_VERSION,
     Agent,
@@ -29,7 +30,6 @@ from broker.model import (
     to_document,
 )
 from broker.resolve import Entry, Layer, Variable, mask, merge, resolve_servers
-from broker.store import read_context
 from broker.vault import KV, Transit, VaultClient
 
 MAX_TTL = timedelta(days=7)
@@ -88,6 +88,77 @@ def _check_pairing(
         )
 
 
+def runtime_env(
+    from_execution: Mapping[str, RuntimeValue], overrides: Mapping[str, RuntimeValue]
+) -> dict[str, RuntimeValue]:
+    """An execution resource's runtime_env with ``overrides`` (flags) on top; secret-ness is
+    sticky, so an override of a secret stays secret."""
+    merged = dict(from_execution)
+    for key, value in overrides.items():
+        earlier = merged.get(key)
+        secret = value.is_secret or (earlier is not None and earlier.is_secret)
+        merged[key] = RuntimeValue(value.value, secret)
+    return merged
+
+
+def _refs(
+    instance: AgentInstance | WorkflowInstance | None, environments: Sequence[str]
+) -> list[tuple[str, str]]:
+    """(where, Environment name) in layering order: the instance's refs, then extra names."""
+    ref_field = (
+        "spec.env_refs" if isinstance(instance, WorkflowInstance) else "spec.environment_refs"
+    )
+    refs = [
+        (f"{ref_field}[{i}]", ref.slug)
+        for i, ref in enumerate(instance.environment_refs if instance else [])
+    ]
+    return refs + [(f"--environment {n}", names.environment_name(n)) for n in environments]
+
+
+def _runtime(runtime_env: Mapping[str, RuntimeValue] | None) -> Layer:
+    entries = {n: Entry(v.value, v.is_secret, False) for n, v in (runtime_env or {}).items()}
+    for name, entry in entries.items():
+        if not entry.value:
+            raise ValidationError("runtime_env", [f"{name}: value must not be empty"])
+    return Layer("runtime_env", entries)
+
+
+def _expiry(ttl: timedelta) -> datetime:
+    """Now + ttl, shown to the second and rounded up: never shorter than asked."""
+    exact = datetime.now(UTC) + ttl
+    return exact.replace(microsecond=0) + timedelta(seconds=1 if exact.microsecond else 0)
+
+
+def _context(
+    execution_id: str,
+    tenant: str,
+    template: Agent | Workflow,
+    merged: Mapping[str, Variable],
+    servers: Sequence[dict[str, Any]],
+    expires_at: datetime,
+    allow_secret_in_args: bool,
+) -> ExecutionContext:
+    return parse_resource(
+        {
+            "api_version": API_VERSION,
+            "kind": "ExecutionContext",
+            "metadata": {"name": execution_id, "labels": {"stigmer.ai/tenant": tenant}},
+            "spec": {
+                "execution_id": execution_id,
+                "tenant": tenant,
+                "template": f"{template.kind}/{template.metadata.display}",
+                "data": {
+                    n: {"value": v.value, "is_secret": v.is_secret} for n, v in merged.items()
+                },
+                "mcp_servers": list(servers),
+                "expires_at": expires_at.isoformat(),
+                "allow_secret_in_args": allow_secret_in_args,
+            },
+        },
+        ExecutionContext,
+    )
+
+
 def _check_ttl(ttl: timedelta) -> None:
     if ttl <= timedelta(0) or ttl > MAX_TTL:
         raise ValidationError("execution", [f"ttl: must be more than 0s and at most {MAX_TTL}"])
@@ -103,11 +174,13 @@ class ExecutionIssuer:
         self._transit = Transit(client, layout.transit_mount)
         self._environments = EnvironmentStore(client, layout)
 
-    def _environment_layers(self, tenant: str, refs: Sequence[tuple[str, str]]) -> list[Layer]:
+    async def _environment_layers(
+        self, tenant: str, refs: Sequence[tuple[str, str]]
+    ) -> list[Layer]:
         layers, problems = [], []
         for where, name in refs:
             try:
-                environment = self._environments.get(tenant, name)
+                environment = await self._environments.get(tenant, name)
             except ValidationError as exc:
                 problems.append(f"{where}: Environment {name!r} {'; '.join(exc.problems)}")
                 continue
@@ -120,20 +193,20 @@ class ExecutionIssuer:
             raise ValidationError("execution", problems)
         return layers
 
-    def _seal(self, tenant: str, merged: dict[str, Variable]) -> dict[str, Variable]:
+    async def _seal(self, tenant: str, merged: dict[str, Variable]) -> dict[str, Variable]:
         """Encrypt every secret whose value is still plaintext, in one batch."""
-        names = [n for n, v in merged.items() if v.is_secret and not v.sealed]
-        if not names:
+        plain = [n for n, v in merged.items() if v.is_secret and not v.sealed]
+        if not plain:
             return merged
-        ciphertexts = self._transit.encrypt(
-            self._layout.transit_key(tenant), [merged[n].value for n in names]
+        ciphertexts = await self._transit.encrypt(
+            self._layout.transit_key(tenant), [merged[n].value for n in plain]
         )
         sealed = dict(merged)
-        for name, ciphertext in zip(names, ciphertexts, strict=True):
+        for name, ciphertext in zip(plain, ciphertexts, strict=True):
             sealed[name] = Variable(ciphertext, True, True, merged[name].source)
         return sealed
 
-    def create(
+    async def create(
         self,
         tenant: str,
         template: Agent | Workflow,
@@ -144,69 +217,25 @@ class ExecutionIssuer:
         execution_id: str | None = None,
         allow_secret_in_args: bool = False,
     ) -> IssuedContext:
-        ids.tenant(tenant)
-        execution_id = ids.execution_id(execution_id) if execution_id else ids.new_execution_id()
+        """Resolve the execution's environment and write its context; refuse before writing."""
+        names.tenant(tenant)
+        execution_id = (
+            names.execution_id(execution_id) if execution_id else names.new_execution_id()
+        )
         _check_ttl(ttl)
         _check_pairing(template, instance)
-        ref_field = (
-            "spec.env_refs" if isinstance(instance, WorkflowInstance) else "spec.environment_refs"
-        )
-        refs = [
-            (f"{ref_field}[{i}]", ref.slug)
-            for i, ref in enumerate(instance.environment_refs if instance else [])
-        ]
-        refs += [(f"--environment {name}", ids.environment_name(name)) for name in environments]
-
-        runtime = Layer(
-            "runtime_env",
-            {n: Entry(v.value, v.is_secret, False) for n, v in (runtime_env or {}).items()},
-        )
-        for name, entry in runtime.entries.items():
-            if not entry.value:
-                raise ValidationError("runtime_env", [f"{name}: value must not be empty"])
-        layers = [*self._environment_layers(tenant, refs), runtime]
-        merged = merge(_template_layer(template.spec.env_spec), layers)
+        layers = await self._environment_layers(tenant, _refs(instance, environments))
+        merged = merge(_template_layer(template.spec.env_spec), [*layers, _runtime(runtime_env)])
         servers = template.spec.mcp_servers if isinstance(template, Agent) else []
-        resolve_servers(servers, merged, allow_secret_in_args)  # fail closed before any write
-
-        merged = self._seal(tenant, merged)
-        exact = datetime.now(UTC) + ttl  # shown to the second, rounded up: never shorter
-        expires_at = exact.replace(microsecond=0) + (
-            timedelta(seconds=1) if exact.microsecond else timedelta(0)
-        )
-        context = parse_resource(
-            {
-                "api_version": API_VERSION,
-                "kind": "ExecutionContext",
-                "metadata": {"name": execution_id, "labels": {"stigmer.ai/tenant": tenant}},
-                "spec": {
-                    "execution_id": execution_id,
-                    "tenant": tenant,
-                    "template": f"{template.kind}/{template.metadata.display}",
-                    "data": {
-                        n: {"value": v.value, "is_secret": v.is_secret} for n, v in merged.items()
-                    },
-                    "mcp_servers": [s.model_dump(mode="json") for s in servers],
-                    "expires_at": expires_at.isoformat(),
-                    "allow_secret_in_args": allow_secret_in_args,
-                },
-            },
-            ExecutionContext,
+        configs = [s.model_dump(mode="json") for s in servers]
+        resolve_servers(configs, merged, allow_secret_in_args)  # fail closed before any write
+        merged = await self._seal(tenant, merged)
+        expires_at = _expiry(ttl)
+        context = _context(
+            execution_id, tenant, template, merged, configs, expires_at, allow_secret_in_args
         )
         path = self._layout.context_path(tenant, execution_id)
-        try:
-            self._kv.write_resource(path, context.model_dump(mode="json"), cas=0)
-        except Conflict:
-            raise ValidationError(
-                f"execution {execution_id}", ["an execution with this id already exists"]
-            ) from None
-        try:
-            self._kv.write_metadata(
-                path, delete_version_after=f"{math.ceil(ttl.total_seconds()) + 1}s", max_versions=1
-            )
-        except BrokerError:
-            self._kv.destroy(path)
-            raise
+        await self._write(path, context, ttl)
         return IssuedContext(
             execution_id=execution_id,
             tenant=tenant,
@@ -215,16 +244,50 @@ class ExecutionIssuer:
             variables=mask(merged),
         )
 
-    def show(self, tenant: str, execution_id: str) -> dict[str, Any]:
+    async def _write(self, path: str, context: ExecutionContext, ttl: timedelta) -> None:
+        """Metadata first (so KV's expiry applies from version 1), then the context (cas 0)."""
+        try:
+            existing = (await self._kv.read_metadata(path)).current_version
+        except NotFound:
+            existing = 0
+        spec = context.spec
+        if existing:
+            raise ValidationError(
+                f"execution {spec.execution_id}", ["an execution with this id already exists"]
+            )
+        assert spec.expires_at is not None
+        metadata: dict[str, Any] = {
+            "max_versions": 1,
+            "delete_version_after": f"{math.ceil(ttl.total_seconds()) + 1}s",
+            "custom": {
+                "tenant": spec.tenant,
+                "execution_id": spec.execution_id,
+                "expires_at": spec.expires_at.isoformat().replace("+00:00", "Z"),
+            },
+        }
+        await self._kv.write_metadata(path, **metadata)
+        try:
+            await self._kv.write_resource(path, context.model_dump(mode="json"), cas=0)
+        except Conflict:
+            raise ValidationError(
+                f"execution {spec.execution_id}", ["an execution with this id already exists"]
+            ) from None
+        await self._kv.write_metadata(path, **metadata)  # ours, should a racing create win
+
+    async def show(self, tenant: str, execution_id: str) -> dict[str, Any]:
         """The context with secret values masked."""
-        context = read_context(self._client, self._layout, tenant, execution_id)
-        shown = to_document(context)
+        path = self._layout.context_path(tenant, execution_id)
+        try:
+            document, _ = await self._kv.read_resource(path)
+        except NotFound:
+            raise ContextNotFound(execution_id, tenant) from None
+        shown = to_document(parse_resource(document, ExecutionContext))
         for entry in shown["spec"].get("data", {}).values():
             if entry.get("is_secret"):
                 entry["value"] = MASK
         return shown
 
-    def end(self, tenant: str, execution_id: str) -> None:
+    async def end(self, tenant: str, execution_id: str) -> None:
         """Destroy the context (every version and its metadata)."""
-        self.show(tenant, execution_id)
-        self._kv.destroy(self._layout.context_path(tenant, execution_id))
+        await self.show(tenant, execution_id)
+        await self._kv.destroy(self._layout.context_path(tenant, execution_id))

@@ -9,7 +9,7 @@ and the rewrap is redone on the new version, so the other writer's edit is kept.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +35,9 @@ class RewrapReport:
     retries: int = 0
     min_decryption_version: int | None = None
 
+    def as_json(self) -> dict[str, object]:
+        return dict(vars(self))
+
 
 class KeyManager:
     def __init__(self, client: VaultClient, layout: Layout) -> None:
@@ -46,9 +49,9 @@ class KeyManager:
     def _key_path(self, tenant: str) -> str:
         return f"{self._layout.transit_mount}/keys/{self._layout.transit_key(tenant)}"
 
-    def latest_version(self, tenant: str) -> int:
+    async def latest_version(self, tenant: str) -> int:
         try:
-            data = self._client.get(self._key_path(tenant))["data"]
+            data = (await self._client.get(self._key_path(tenant)))["data"]
         except NotFound:
             raise ValidationError(
                 f"tenant {tenant}",
@@ -56,38 +59,38 @@ class KeyManager:
             ) from None
         return int(data["latest_version"])
 
-    def rotate(self, tenant: str) -> int:
+    async def rotate(self, tenant: str) -> int:
         """Add a new key version; new encryptions use it, old ciphertext still decrypts."""
-        self.latest_version(tenant)
-        self._client.post(f"{self._key_path(tenant)}/rotate", operation="rotate")
-        return self.latest_version(tenant)
+        await self.latest_version(tenant)
+        await self._client.post(f"{self._key_path(tenant)}/rotate", operation="rotate")
+        return await self.latest_version(tenant)
 
-    def _rewrap_document(
+    async def _rewrap_document(
         self,
         path: str,
         tenant: str,
         latest: int,
         report: RewrapReport,
-        before_write: Callable[[str], None] | None,
+        before_write: Callable[[str], Awaitable[None]] | None,
     ) -> None:
         for _ in range(MAX_ATTEMPTS):
             try:
-                document, version = self._kv.read_resource(path)
+                document, version = await self._kv.read_resource(path)
             except NotFound:
                 return  # deleted meanwhile: nothing to rewrap
             entries = _secret_entries(document)
             stale = [e for e in entries if e["value"] and key_version(e["value"]) < latest]
             if not stale:
                 return
-            rewrapped = self._transit.rewrap(
+            rewrapped = await self._transit.rewrap(
                 self._layout.transit_key(tenant), [e["value"] for e in stale]
             )
             for entry, ciphertext in zip(stale, rewrapped, strict=True):
                 entry["value"] = ciphertext
             if before_write is not None:
-                before_write(path)
+                await before_write(path)
             try:
-                self._kv.write_resource(path, document, cas=version)
+                await self._kv.write_resource(path, document, cas=version)
             except Conflict:
                 report.retries += 1
                 continue
@@ -96,25 +99,27 @@ class KeyManager:
             return
         raise ValidationError(path, [f"kept changing; gave up after {MAX_ATTEMPTS} attempts"])
 
-    def rewrap(
+    async def rewrap(
         self,
         tenant: str,
         raise_min_decryption_version: bool = False,
-        before_write: Callable[[str], None] | None = None,
+        before_write: Callable[[str], Awaitable[None]] | None = None,
     ) -> RewrapReport:
         """Rewrap every Environment of the tenant (and, before raising the minimum decryption
         version, every live ExecutionContext) to the newest key version."""
-        latest = self.latest_version(tenant)
+        latest = await self.latest_version(tenant)
         report = RewrapReport(tenant=tenant, latest_version=latest)
         folders = [self._layout.environments_dir(tenant)]
         if raise_min_decryption_version:
-            folders.append(f"execution-contexts/{tenant}")
+            folders.append(self._layout.contexts_dir(tenant))
         for folder in folders:
-            for name in self._kv.list(folder):
+            for name in await self._kv.list(folder):
                 if not name.endswith("/"):
-                    self._rewrap_document(f"{folder}/{name}", tenant, latest, report, before_write)
+                    await self._rewrap_document(
+                        f"{folder}/{name}", tenant, latest, report, before_write
+                    )
         if raise_min_decryption_version:
-            self._client.post(
+            await self._client.post(
                 f"{self._key_path(tenant)}/config",
                 {"min_decryption_version": latest},
                 operation="configure-key",

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import base64
 import secrets
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
-from functools import partial
 
 from broker.config import Layout
 from broker.errors import BrokerError, ConfigError, PermissionDenied
@@ -100,6 +99,14 @@ class CheckReport:
     def ok(self) -> bool:
         return all(cell.ok for cell in self.cells)
 
+    def as_json(self) -> dict[str, object]:
+        return {
+            "tenant": self.tenant,
+            "other_tenant": self.other_tenant,
+            "ok": self.ok,
+            "cells": [vars(cell) | {"ok": cell.ok} for cell in self.cells],
+        }
+
     def table(self) -> str:
         """The allowed/denied matrix; a cell that differs from the expectation is flagged."""
         header = ["operation", *IDENTITIES]
@@ -120,9 +127,9 @@ class CheckReport:
         return "\n".join(lines)
 
 
-def _outcome(action: Callable[[], object]) -> str:
+async def _outcome(action: Awaitable[object]) -> str:
     try:
-        action()
+        await action
     except PermissionDenied:
         return DENY
     except BrokerError:
@@ -138,8 +145,8 @@ class PolicyCheck:
         self._tokens: list[str] = []
         self._ciphertexts: dict[str, str] = {}
 
-    def _token_for(self, policy: str) -> VaultClient:
-        answer = self._admin.post(
+    async def _token_for(self, policy: str) -> VaultClient:
+        answer = await self._admin.post(
             "auth/token/create",
             {"policies": [policy], "ttl": "5m", "display_name": f"policy-check-{policy}"},
             operation="create-token",
@@ -148,7 +155,9 @@ class PolicyCheck:
         self._tokens.append(token)
         return self._admin.with_token(token)
 
-    def _tenanted(self, operation: str, identity: str, client: VaultClient, tenant: str) -> object:
+    async def _tenanted(
+        self, operation: str, identity: str, client: VaultClient, tenant: str
+    ) -> object:
         """One tenant-scoped operation of the matrix, performed with ``client``'s token.
 
         Each identity gets its own probe name, so one identity's write never turns another's
@@ -161,45 +170,47 @@ class PolicyCheck:
         document = {"format": FORMAT, "resource": "{}"}
         match operation:
             case "read context":
-                return client.get(f"{kv}/data/{context}/{probe}")
+                return await client.get(f"{kv}/data/{context}/{probe}")
             case "list contexts":
-                return client.request("LIST", f"{kv}/metadata/{context}")
+                return await client.request("LIST", f"{kv}/metadata/{context}")
             case "write context":
-                return store.write(f"{context}/{probe}", document, cas=0)
+                return await store.write(f"{context}/{probe}", document, cas=0)
             case "destroy context":
-                return client.delete(f"{kv}/metadata/{context}/{probe}-absent")
+                return await client.delete(f"{kv}/metadata/{context}/{probe}-absent")
             case "read environment":
-                return client.get(f"{kv}/data/{environment}/{probe}")
+                return await client.get(f"{kv}/data/{environment}/{probe}")
             case "write environment":
-                return store.write(f"{environment}/{probe}", document, cas=0)
+                return await store.write(f"{environment}/{probe}", document, cas=0)
             case "list environments":
-                return client.request("LIST", f"{kv}/metadata/{environment}")
+                return await client.request("LIST", f"{kv}/metadata/{environment}")
             case "claim":
-                return store.write(f"execution-claims/{tenant}/{probe}", {"pod": "check"}, cas=0)
+                claim = f"execution-claims/{tenant}/{probe}"
+                return await store.write(claim, {"pod": "check"}, cas=0)
             case "read claim":
-                return client.get(f"{kv}/data/execution-claims/{tenant}/{probe}")
+                return await client.get(f"{kv}/data/execution-claims/{tenant}/{probe}")
             case "encrypt":
                 plaintext = base64.b64encode(b"policy-check").decode()
-                return client.post(transit % "encrypt", {"plaintext": plaintext})
+                return await client.post(transit % "encrypt", {"plaintext": plaintext})
             case "decrypt":
-                return client.post(transit % "decrypt", {"ciphertext": self._ciphertexts[tenant]})
+                ciphertext = self._ciphertexts[tenant]
+                return await client.post(transit % "decrypt", {"ciphertext": ciphertext})
         raise ValueError(operation)
 
-    def _untenanted(self, client: VaultClient, operation: str) -> object:
+    async def _untenanted(self, client: VaultClient, operation: str) -> object:
         if operation == "token create":
-            answer = client.post(
+            answer = await client.post(
                 "auth/token/create",
                 {"policies": ["stigmer-runner"], "no_default_policy": True, "ttl": "60s"},
                 operation="create-token",
             )
             self._tokens.append(str(answer["auth"]["client_token"]))
             return answer
-        return client.post(
+        return await client.post(
             "auth/token/revoke-accessor", {"accessor": "policy-check-no-such-accessor"}
         )
 
-    @contextmanager
-    def _cleanup(self, tenants: tuple[str, str]) -> Iterator[None]:
+    @asynccontextmanager
+    async def _cleanup(self, tenants: tuple[str, str]) -> AsyncIterator[None]:
         try:
             yield
         finally:
@@ -208,21 +219,21 @@ class PolicyCheck:
                 for folder in ("execution-contexts", "environments", "execution-claims"):
                     for identity in IDENTITIES:
                         with suppress(BrokerError):
-                            kv.destroy(f"{folder}/{tenant}/{self._probe}-{identity}")
+                            await kv.destroy(f"{folder}/{tenant}/{self._probe}-{identity}")
             for token in self._tokens:
                 with suppress(BrokerError):
-                    self._admin.with_token(token).post("auth/token/revoke-self")
+                    await self._admin.with_token(token).post("auth/token/revoke-self")
 
-    def run(self, tenant: str, other: str, runner_jwt: str) -> CheckReport:
+    async def run(self, tenant: str, other: str, runner_jwt: str) -> CheckReport:
         tenants = (tenant, other)
         report = CheckReport(tenant, other)
-        with self._cleanup(tenants):
+        async with self._cleanup(tenants):
             identities = {
-                "control-plane": self._token_for("stigmer-control-plane"),
-                "reaper": self._token_for("stigmer-reaper"),
-                "admin": self._token_for("stigmer-admin"),
+                "control-plane": await self._token_for("stigmer-control-plane"),
+                "reaper": await self._token_for("stigmer-reaper"),
+                "admin": await self._token_for("stigmer-admin"),
             }
-            login = jwt_login(
+            login = await jwt_login(
                 self._admin, self._layout.jwt_mount, self._layout.runner_role, runner_jwt
             )
             self._tokens.append(login.token)
@@ -230,8 +241,8 @@ class PolicyCheck:
             transit = Transit(identities["control-plane"], self._layout.transit_mount)
             for name in tenants:
                 try:
-                    self._ciphertexts[name] = transit.encrypt(
-                        self._layout.transit_key(name), ["probe"]
+                    self._ciphertexts[name] = (
+                        await transit.encrypt(self._layout.transit_key(name), ["probe"])
                     )[0]
                 except BrokerError:
                     raise ConfigError(
@@ -246,11 +257,9 @@ class PolicyCheck:
                         for scope, name, want in zip(
                             ("own", "other"), tenants, wanted, strict=True
                         ):
-                            got = _outcome(
-                                partial(self._tenanted, operation, identity, client, name)
-                            )
+                            got = await _outcome(self._tenanted(operation, identity, client, name))
                             report.cells.append(Cell(operation, identity, scope, want, got))
                     else:
-                        got = _outcome(partial(self._untenanted, client, operation))
+                        got = await _outcome(self._untenanted(client, operation))
                         report.cells.append(Cell(operation, identity, "-", wanted[0], got))
         return report

@@ -10,10 +10,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from broker import ids, policies
+from broker import names, policies
 from broker.config import Layout
+from broker.dev.identity import DEFAULT_AUDIENCE, DEFAULT_ISSUER, SERVICE_ACCOUNT
 from broker.errors import ConfigError, NotFound
-from broker.identity import DEFAULT_AUDIENCE, DEFAULT_ISSUER, SERVICE_ACCOUNT
 from broker.policies import IdentitySources
 from broker.vault import Transit, VaultClient
 
@@ -68,11 +68,11 @@ class Bootstrap:
     def _note(self, item: str, action: str) -> None:
         self.changes.append(Change(item, action))
 
-    def _mount(self, path: str, kind: str, options: dict[str, str]) -> None:
-        mounts = self.client.get("sys/mounts").get("data", {})
+    async def _mount(self, path: str, kind: str, options: dict[str, str]) -> None:
+        mounts = (await self.client.get("sys/mounts")).get("data", {})
         current = mounts.get(f"{path}/")
         if current is None:
-            self.client.post(f"sys/mounts/{path}", {"type": kind, "options": options})
+            await self.client.post(f"sys/mounts/{path}", {"type": kind, "options": options})
             self._note(f"secrets engine {path}/ ({kind})", "created")
             return
         if current.get("type") != kind or any(
@@ -81,30 +81,30 @@ class Bootstrap:
             raise ConfigError(f"mount {path}/ exists but is not {kind} {options}; pick another")
         self._note(f"secrets engine {path}/ ({kind})", "unchanged")
 
-    def _transit_key(self, tenant: str) -> None:
+    async def _transit_key(self, tenant: str) -> None:
         transit = Transit(self.client, self.layout.transit_mount)
         key = self.layout.transit_key(tenant)
-        if transit.key_exists(key):
+        if await transit.key_exists(key):
             self._note(f"transit key {key}", "unchanged")
         else:
-            transit.create_key(key)
+            await transit.create_key(key)
             self._note(f"transit key {key}", "created")
 
-    def _auth_mount(self, mount: str, kind: str) -> str:
+    async def _auth_mount(self, mount: str, kind: str) -> str:
         """Enable an auth method if needed; its accessor."""
-        methods = self.client.get("sys/auth").get("data", {})
+        methods = (await self.client.get("sys/auth")).get("data", {})
         current = methods.get(f"{mount}/")
         if current is None:
-            self.client.post(f"sys/auth/{mount}", {"type": kind})
+            await self.client.post(f"sys/auth/{mount}", {"type": kind})
             self._note(f"auth method {mount}/ ({kind})", "created")
-            current = self.client.get("sys/auth").get("data", {})[f"{mount}/"]
+            current = (await self.client.get("sys/auth")).get("data", {})[f"{mount}/"]
         elif current.get("type") != kind:
             raise ConfigError(f"auth mount {mount}/ exists but is not {kind}; pick another")
         else:
             self._note(f"auth method {mount}/ ({kind})", "unchanged")
         return str(current["accessor"])
 
-    def _upsert(
+    async def _upsert(
         self,
         item: str,
         path: str,
@@ -113,14 +113,14 @@ class Bootstrap:
     ) -> None:
         """Write ``wanted`` unless what is there already has every ``compare`` value."""
         try:
-            current = self.client.get(path).get("data") or {}
+            current = (await self.client.get(path)).get("data") or {}
         except NotFound:
             current = None
         expected = wanted if compare is None else compare
         if current is not None and all(_same(current.get(k), v) for k, v in expected.items()):
             self._note(item, "unchanged")
             return
-        self.client.post(path, wanted)
+        await self.client.post(path, wanted)
         self._note(item, "created" if current is None else "updated")
 
     def _token_fields(self) -> dict[str, Any]:
@@ -131,11 +131,11 @@ class Bootstrap:
             "token_type": "service",
         }
 
-    def jwt(self, settings: JwtSettings) -> str:
+    async def jwt(self, settings: JwtSettings) -> str:
         mount = self.layout.jwt_mount
-        accessor = self._auth_mount(mount, "jwt")
+        accessor = await self._auth_mount(mount, "jwt")
         keys = [k.strip() for k in settings.public_keys]
-        self._upsert(
+        await self._upsert(
             f"jwt config auth/{mount}/config",
             f"auth/{mount}/config",
             {"jwt_validation_pubkeys": keys, "bound_issuer": settings.issuer},
@@ -159,21 +159,21 @@ class Bootstrap:
             "clock_skew_leeway": leeway,
             **self._token_fields(),
         }
-        self._upsert(
+        await self._upsert(
             f"jwt role {self.layout.runner_role}",
             f"auth/{mount}/role/{self.layout.runner_role}",
             role,
         )
         return accessor
 
-    def kubernetes(self, settings: KubernetesSettings) -> str:
+    async def kubernetes(self, settings: KubernetesSettings) -> str:
         mount = self.layout.kubernetes_mount
-        accessor = self._auth_mount(mount, "kubernetes")
+        accessor = await self._auth_mount(mount, "kubernetes")
         config: dict[str, Any] = {"kubernetes_host": settings.host}
         if settings.ca_cert:  # Vault outside the cluster: no local service-account CA or JWT
             config["kubernetes_ca_cert"] = settings.ca_cert
             config["disable_local_ca_jwt"] = True
-        self._upsert(f"kubernetes config auth/{mount}/config", f"auth/{mount}/config", config)
+        await self._upsert(f"kubernetes config auth/{mount}/config", f"auth/{mount}/config", config)
         role = {
             "bound_service_account_names": [settings.service_account],
             "bound_service_account_namespaces": ["*"],
@@ -181,17 +181,17 @@ class Bootstrap:
             "alias_name_source": "serviceaccount_uid",
             **self._token_fields(),
         }
-        self._upsert(
+        await self._upsert(
             f"kubernetes role {self.layout.runner_role}",
             f"auth/{mount}/role/{self.layout.runner_role}",
             role,
         )
         return accessor
 
-    def approle(self, settings: AppRoleSettings) -> str:
+    async def approle(self, settings: AppRoleSettings) -> str:
         """One role per tenant; its entity carries ``metadata.tenant`` for the policy."""
         mount = self.layout.approle_mount
-        accessor = self._auth_mount(mount, "approle")
+        accessor = await self._auth_mount(mount, "approle")
         for tenant in settings.tenants:
             role_name = self.layout.approle_role(tenant)
             role = {
@@ -200,45 +200,47 @@ class Bootstrap:
                 "secret_id_num_uses": settings.secret_id_num_uses,
                 **self._token_fields(),
             }
-            self._upsert(f"approle role {role_name}", f"auth/{mount}/role/{role_name}", role)
+            await self._upsert(f"approle role {role_name}", f"auth/{mount}/role/{role_name}", role)
             role_id = str(
-                self.client.get(f"auth/{mount}/role/{role_name}/role-id")["data"]["role_id"]
+                (await self.client.get(f"auth/{mount}/role/{role_name}/role-id"))["data"]["role_id"]
             )
-            self._approle_entity(tenant, role_name, role_id, accessor)
+            await self._approle_entity(tenant, role_name, role_id, accessor)
         return accessor
 
-    def _approle_entity(self, tenant: str, role_name: str, role_id: str, accessor: str) -> None:
+    async def _approle_entity(
+        self, tenant: str, role_name: str, role_id: str, accessor: str
+    ) -> None:
         name = role_name
         try:
-            entity = self.client.get(f"identity/entity/name/{name}")["data"]
+            entity = (await self.client.get(f"identity/entity/name/{name}"))["data"]
         except NotFound:
             entity = None
         if entity is None or (entity.get("metadata") or {}).get("tenant") != tenant:
-            self.client.post(
+            await self.client.post(
                 f"identity/entity/name/{name}",
                 {"metadata": {"tenant": tenant}, "policies": []},
             )
             self._note(f"identity entity {name}", "created" if entity is None else "updated")
-            entity = self.client.get(f"identity/entity/name/{name}")["data"]
+            entity = (await self.client.get(f"identity/entity/name/{name}"))["data"]
         else:
             self._note(f"identity entity {name}", "unchanged")
         aliases = entity.get("aliases") or []
         if any(a.get("mount_accessor") == accessor and a.get("name") == role_id for a in aliases):
             self._note(f"entity alias {name} → approle role id", "unchanged")
             return
-        self.client.post(
+        await self.client.post(
             "identity/entity-alias",
             {"name": role_id, "canonical_id": entity["id"], "mount_accessor": accessor},
         )
         self._note(f"entity alias {name} → approle role id", "created")
 
-    def policies(self, sources: IdentitySources) -> None:
+    async def policies(self, sources: IdentitySources) -> None:
         for name, text in policies.render(self.layout, sources).items():
-            self._upsert(f"policy {name}", f"sys/policies/acl/{name}", {"policy": text})
+            await self._upsert(f"policy {name}", f"sys/policies/acl/{name}", {"policy": text})
 
-    def current_sources(self) -> IdentitySources:
+    async def current_sources(self) -> IdentitySources:
         """Accessors of the runner auth methods already enabled on this server."""
-        methods = self.client.get("sys/auth").get("data", {})
+        methods = (await self.client.get("sys/auth")).get("data", {})
 
         def accessor(mount: str, kind: str) -> str:
             current = methods.get(f"{mount}/") or {}
@@ -250,7 +252,7 @@ class Bootstrap:
             approle=accessor(self.layout.approle_mount, "approle"),
         )
 
-    def run(
+    async def run(
         self,
         tenants: Sequence[str],
         jwt: JwtSettings,
@@ -258,17 +260,17 @@ class Bootstrap:
         approle: AppRoleSettings | None = None,
     ) -> list[Change]:
         for tenant in [*tenants, *(approle.tenants if approle else ())]:
-            ids.tenant(tenant)
-        self._mount(self.layout.kv_mount, "kv", {"version": "2"})
-        self._mount(self.layout.transit_mount, "transit", {})
+            names.tenant(tenant)
+        await self._mount(self.layout.kv_mount, "kv", {"version": "2"})
+        await self._mount(self.layout.transit_mount, "transit", {})
         for tenant in dict.fromkeys([*tenants, *(approle.tenants if approle else ())]):
-            self._transit_key(tenant)
-        self.jwt(jwt)
+            await self._transit_key(tenant)
+        await self.jwt(jwt)
         if kubernetes:
-            self.kubernetes(kubernetes)
+            await self.kubernetes(kubernetes)
         if approle:
-            self.approle(approle)
-        self.policies(self.current_sources())
+            await self.approle(approle)
+        await self.policies(await self.current_sources())
         return self.changes
 
 

@@ -1,4 +1,6 @@
-"""The runner-side sidecar: identity → claim → lease → decrypt → render → serve → revoke.
+"""The runner-side sidecar: a long-lived front end over the execution core.
 
-``app`` wires the parts; each other module does one step.
+``app`` wires startup, serving and shutdown; ``registry`` keeps one record per execution
+(states, TTL timers, lease watch, bounded summaries); ``api`` is the Unix-socket HTTP API;
+``peers`` identifies callers; ``metrics`` counts steps and outcomes.
 """

@@ -1,10 +1,10 @@
 """Wires the sidecar: startup → serve → shutdown, each step with its own deadline.
 
-Startup: log in (bounded deadline; nothing is rendered before it succeeds), check the output
-directory, open the socket (0660, peer uids checked) and the metrics port, then serve.
-Shutdown on SIGTERM/SIGINT: stop accepting, end every active execution (wipe, destroy,
-release, revoke — shielded from cancellation), revoke the login tokens, exit 0. A second signal
-forces an immediate exit.
+Startup: check the output root, log in (bounded by the startup timeout; nothing is rendered
+before it succeeds), open the socket (0660, peer uids checked) and the metrics port, serve.
+Background work (token renewal, the lease watch) runs beside it; if one of those crashes, the
+sidecar shuts down and exits non-zero. Shutdown on SIGTERM/SIGINT: stop accepting, end every
+active execution (shielded), revoke the logins, exit 0. A second signal exits at once.
 """
 
 from __future__ import annotations
@@ -14,48 +14,60 @@ import contextlib
 import os
 import signal
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from aiohttp import web
 
 from broker import logs
-from broker.config import Layout, VaultSettings
-from broker.errors import ConfigError, RenderError
-from broker.render import filesystem_type, is_memory_backed
-from broker.runner import RunOptions
-from broker.sidecar.api import build_app, build_metrics_app, default_allowed_uids
-from broker.sidecar.executions import ExecutionManager
-from broker.sidecar.identity import Identity
+from broker.config import Layout
+from broker.errors import ConfigError
+from broker.execution.core import CoreSettings, ExecutionCore, LeaseMode
+from broker.execution.credentials import Credentials, login
+from broker.execution.keeper import TokenKeeper
+from broker.render.outdir import OutputRoot
+from broker.sidecar.api import build_app, build_metrics_app
 from broker.sidecar.metrics import Metrics
-from broker.vault import VaultClient
+from broker.sidecar.peers import default_allowed_uids
+from broker.sidecar.registry import Registry, Retention
+from broker.vault import Login, VaultClient
 
 
 @dataclass(frozen=True)
-class SidecarOptions:
-    run: RunOptions
+class SidecarSettings:
+    tenant: str
     socket: Path
+    out: OutputRoot
+    credentials: Credentials
     metrics_addr: str = "127.0.0.1:9464"
     allow_uids: tuple[int, ...] = ()
     pod: str = ""
+    allow_secret_in_args: bool = False
     startup_timeout: float = 30.0
     lease_check_interval: float = 15.0
     shutdown_timeout: float = 10.0
     login_max_ttl: float = 2 * 3600
+    deadline: float = 60.0
+    retention: Retention = field(default_factory=Retention)
 
 
-def _check_out_dir(options: RunOptions) -> None:
-    out = options.out_dir
-    try:
-        out.mkdir(mode=0o750, parents=True, exist_ok=True)
-    except OSError as exc:
-        raise RenderError(f"--out {out}: cannot create ({exc.strerror})") from None
-    if not options.allow_disk and not is_memory_backed(out):
-        raise RenderError(
-            f"--out {out}: {filesystem_type(out)} is disk-backed; secrets go only to tmpfs "
-            "(use an emptyDir with medium: Memory, or --allow-disk)"
-        )
+def _core(
+    client: VaultClient, layout: Layout, settings: SidecarSettings, metrics: Metrics
+) -> ExecutionCore:
+    async def login_once() -> Login:
+        return await login(client, layout, settings.credentials, settings.tenant)
+
+    keeper = TokenKeeper(client, login_once, settings.login_max_ttl, metrics.keeper_event)
+    core_settings = CoreSettings(
+        tenant=settings.tenant,
+        out=settings.out,
+        lease_mode=LeaseMode.CHILD,
+        holder="sidecar",
+        pod=settings.pod,
+        allow_secret_in_args=settings.allow_secret_in_args,
+        deadline=settings.deadline,
+    )
+    return ExecutionCore(client, layout, keeper, core_settings)
 
 
 async def _open_socket(runner: web.AppRunner, path: Path) -> web.UnixSite:
@@ -74,32 +86,18 @@ async def _open_socket(runner: web.AppRunner, path: Path) -> web.UnixSite:
     return site
 
 
-async def serve(settings: VaultSettings, layout: Layout, options: SidecarOptions) -> int:
+async def _start_metrics(address: str, app: web.Application) -> web.AppRunner | None:
+    if not address:
+        return None
+    host, _, port = address.rpartition(":")
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host or "127.0.0.1", int(port)).start()
+    return runner
+
+
+def _install_signals(stop: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
-    loop.set_default_executor(ThreadPoolExecutor(max_workers=64, thread_name_prefix="vault"))
-    metrics = Metrics()
-    client = VaultClient(VaultSettings(addr=settings.addr, cacert=settings.cacert))
-    identity = Identity(client, layout, options.run, metrics, options.login_max_ttl)
-    _check_out_dir(options.run)
-    await identity.login(deadline=time.monotonic() + options.startup_timeout)
-
-    manager = ExecutionManager(identity, client, layout, options.run, metrics, options.pod)
-    allowed: set[int] = set(options.allow_uids)
-    app_runner = web.AppRunner(build_app(manager, identity, metrics, allowed), access_log=None)
-    await app_runner.setup()
-    site = await _open_socket(app_runner, options.socket)
-    if not options.allow_uids:
-        allowed |= default_allowed_uids(options.socket.stat().st_gid)
-    metrics_runner: web.AppRunner | None = None
-    if options.metrics_addr:
-        host, _, port = options.metrics_addr.rpartition(":")
-        metrics_runner = web.AppRunner(
-            build_metrics_app(metrics, manager, identity), access_log=None
-        )
-        await metrics_runner.setup()
-        await web.TCPSite(metrics_runner, host or "127.0.0.1", int(port)).start()
-
-    stop = asyncio.Event()
 
     def on_signal(signum: int) -> None:
         if stop.is_set():
@@ -111,44 +109,75 @@ async def serve(settings: VaultSettings, layout: Layout, options: SidecarOptions
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
 
-    background = [
-        asyncio.create_task(identity.keep_alive(), name="keep-alive"),
-        asyncio.create_task(manager.watch_leases(options.lease_check_interval), name="leases"),
-    ]
-    for task in background:
-        task.add_done_callback(lambda t: stop.set() if not t.cancelled() else None)
-    logs.event(
-        "sidecar ready",
-        socket=str(options.socket),
-        tenant=options.run.tenant,
-        allowed_uids=sorted(allowed),
-        metrics=options.metrics_addr or None,
-    )
-    await stop.wait()
 
+def _watch(tasks: list[asyncio.Task[None]], stop: asyncio.Event, crashed: list[str]) -> None:
+    def done(task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        error = task.exception()
+        crashed.append(task.get_name())
+        logs.event("background task crashed", level=50, task=task.get_name(), error=repr(error))
+        stop.set()
+
+    for task in tasks:
+        task.add_done_callback(done)
+
+
+async def serve(client: VaultClient, layout: Layout, settings: SidecarSettings) -> int:
+    metrics = Metrics()
+    core = _core(client, layout, settings, metrics)
+    settings.out.check()
+    await core.keeper.start(settings.startup_timeout)
+    registry = Registry(core, metrics, settings.retention)
+
+    def ready() -> bool:
+        token = core.keeper.current
+        return token is not None and token.expires > time.monotonic()
+
+    allowed: set[int] = set(settings.allow_uids)
+    app_runner = web.AppRunner(build_app(registry, metrics, allowed, ready), access_log=None)
+    await app_runner.setup()
+    site = await _open_socket(app_runner, settings.socket)
+    if not settings.allow_uids:
+        allowed |= default_allowed_uids(settings.socket.stat().st_gid)
+    metrics_runner = await _start_metrics(
+        settings.metrics_addr, build_metrics_app(metrics, registry, ready)
+    )
+    stop = asyncio.Event()
+    _install_signals(stop)
+    crashed: list[str] = []
+    background = [
+        asyncio.create_task(core.keeper.run(), name="token-keeper"),
+        asyncio.create_task(registry.watch_leases(settings.lease_check_interval), name="leases"),
+    ]
+    _watch(background, stop, crashed)
+    logs.event("sidecar ready", socket=str(settings.socket), tenant=settings.tenant,
+               allowed_uids=sorted(allowed), metrics=settings.metrics_addr or None)  # fmt: skip
+    await stop.wait()
+    await _shutdown(site, registry, background, core, settings)
+    for runner in (app_runner, metrics_runner):
+        if runner is not None:
+            await runner.cleanup()
+    return 1 if crashed else 0
+
+
+async def _shutdown(
+    site: web.UnixSite,
+    registry: Registry,
+    background: list[asyncio.Task[None]],
+    core: ExecutionCore,
+    settings: SidecarSettings,
+) -> None:
     started = time.monotonic()
     await site.stop()  # stop accepting
     try:
-        await asyncio.wait_for(manager.end_all("shutdown"), options.shutdown_timeout)
+        await asyncio.wait_for(registry.end_all("shutdown"), settings.shutdown_timeout)
     except TimeoutError:
         logs.event("shutdown: some executions did not end in time", level=30)
     for task in background:
         task.cancel()
     await asyncio.gather(*background, return_exceptions=True)
-    await asyncio.shield(asyncio.to_thread(identity.revoke_all))
-    await app_runner.cleanup()
-    if metrics_runner is not None:
-        await metrics_runner.cleanup()
+    await asyncio.shield(core.keeper.close())
     with contextlib.suppress(FileNotFoundError):
-        options.socket.unlink()
+        settings.socket.unlink()
     logs.event("sidecar stopped", seconds=round(time.monotonic() - started, 3))
-    return 0
-
-
-def run_sidecar(settings: VaultSettings, layout: Layout, options: SidecarOptions) -> int:
-    options = replace(
-        options,
-        pod=options.pod or os.environ.get("POD_NAME") or os.uname().nodename,
-        run=replace(options.run, group_readable=True),
-    )
-    return asyncio.run(serve(settings, layout, options))

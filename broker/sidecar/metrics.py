@@ -31,8 +31,8 @@ class Metrics:
         )
         self.vault_requests = Counter(
             "stigmer_broker_vault_requests",
-            "Vault requests by operation and status class",
-            ["operation", "status"],
+            "Vault requests by operation and outcome (ok or the fault's kind)",
+            ["operation", "outcome"],
             registry=r,
         )
         self.renewals = Counter(
@@ -58,8 +58,13 @@ class Metrics:
             registry=r,
         )
         observe_requests(
-            lambda operation, status: self.vault_requests.labels(operation, status).inc()
+            lambda operation, outcome: self.vault_requests.labels(operation, outcome).inc()
         )
+
+    def keeper_event(self, what: str, result: str) -> None:
+        """The token keeper's logins, renewals and revocations."""
+        counter = {"login": self.logins, "renewal": self.renewals}.get(what, self.revocations)
+        counter.labels(result).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,15 +1,23 @@
-"""Logging in and out: JWT login, child tokens, lookup-self and revoke-self."""
+"""Logins and tokens: JWT, Kubernetes and AppRole logins, child tokens, lookups, revocation.
+
+A login that Vault refuses is an :class:`~broker.errors.IdentityError` whose reason comes from
+an allow-list (expired, wrong audience, unknown key, …), never the server's text or the JWT. A
+Vault that cannot be reached or is sealed stays a :class:`~broker.errors.VaultError`: that is not
+an identity problem. Every request that mints a token is sent once unless Vault surely minted
+nothing (see ``retry.Safety``).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Any
 
-from broker.errors import ConfigError, IdentityError, VaultError, VaultUnavailable
+from broker.errors import Fault, IdentityError, NotFound, PermissionDenied, VaultError
 from broker.vault.client import VaultClient
+from broker.vault.retry import Safety
 
-KUBERNETES_TOKEN_PATH = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
+_REFUSED = (Fault.INVALID, Fault.FORBIDDEN)
 
 
 @dataclass(frozen=True)
@@ -23,14 +31,7 @@ class Login:
     renewable: bool = False
 
 
-def _login_failed(message: str, cause: VaultError) -> IdentityError:
-    """An IdentityError that is retryable only when Vault surely minted no token."""
-    error = IdentityError(f"{message}: {cause.reason}")
-    error.retryable = isinstance(cause, VaultUnavailable) and "Timeout" not in cause.reason
-    return error
-
-
-def _login_from(answer: Mapping[str, object]) -> Login:
+def _login_from(answer: Mapping[str, Any]) -> Login:
     auth = answer.get("auth")
     if not isinstance(auth, Mapping) or not auth.get("client_token"):
         raise IdentityError("login answered without a token")
@@ -38,52 +39,39 @@ def _login_from(answer: Mapping[str, object]) -> Login:
     return Login(
         token=str(auth["client_token"]),
         accessor=str(auth.get("accessor", "")),
-        ttl=int(str(auth.get("lease_duration", 0))),
+        ttl=int(auth.get("lease_duration") or 0),
         policies=tuple(str(p) for p in policies) if isinstance(policies, list) else (),
         renewable=bool(auth.get("renewable", False)),
     )
 
 
-def read_credential_file(flag: str, path: Path) -> str:
-    """Read a credential from a file (never from argv), stripped; empty is an error."""
+async def _login(client: VaultClient, path: str, body: Mapping[str, str], what: str) -> Login:
     try:
-        text = path.read_text(encoding="utf-8").strip()
-    except OSError as exc:
-        raise ConfigError(f"{flag} {path}: cannot read ({exc.strerror})") from None
-    if not text:
-        raise ConfigError(f"{flag} {path}: the file is empty")
-    return text
-
-
-def read_jwt(path: Path) -> str:
-    """Read a service-account JWT (re-read on every login: the kubelet rotates it)."""
-    return read_credential_file("--jwt-file", path)
-
-
-def jwt_login(client: VaultClient, mount: str, role: str, jwt: str, method: str = "jwt") -> Login:
-    """Log in with a service-account JWT (JWT or Kubernetes auth). Exactly one attempt: every
-    successful login mints a token."""
-    try:
-        answer = client.post(f"auth/{mount}/login", {"role": role, "jwt": jwt}, operation="login")
-    except VaultError as exc:
-        raise _login_failed(
-            f"{method} login at auth/{mount} with role {role!r} failed", exc
-        ) from None
-    return _login_from(answer)
-
-
-def approle_login(client: VaultClient, mount: str, role_id: str, secret_id: str) -> Login:
-    """Log in with AppRole. Exactly one attempt: a secret_id may be single-use."""
-    try:
-        answer = client.post(
-            f"auth/{mount}/login", {"role_id": role_id, "secret_id": secret_id}, operation="login"
+        answer = await client.request(
+            "POST", path, body, operation="login", safety=Safety.MINTS_TOKEN, authenticated=False
         )
     except VaultError as exc:
-        raise _login_failed(f"approle login at auth/{mount} failed", exc) from None
+        if exc.kind in _REFUSED:
+            raise IdentityError(f"{what} failed", exc.detail or "refused") from None
+        raise
     return _login_from(answer)
 
 
-def unwrap_secret_id(client: VaultClient, wrapping_token: str, mount: str, role: str) -> str:
+async def jwt_login(
+    client: VaultClient, mount: str, role: str, jwt: str, method: str = "jwt"
+) -> Login:
+    """Log in with a service-account JWT (JWT or Kubernetes auth)."""
+    what = f"{method} login at auth/{mount} with role {role!r}"
+    return await _login(client, f"auth/{mount}/login", {"role": role, "jwt": jwt}, what)
+
+
+async def approle_login(client: VaultClient, mount: str, role_id: str, secret_id: str) -> Login:
+    """Log in with AppRole (a secret_id may be single-use)."""
+    body = {"role_id": role_id, "secret_id": secret_id}
+    return await _login(client, f"auth/{mount}/login", body, f"approle login at auth/{mount}")
+
+
+async def unwrap_secret_id(client: VaultClient, wrapping_token: str, mount: str, role: str) -> str:
     """Unwrap a response-wrapped secret_id, after checking where the wrapping token came from.
 
     A wrapping token whose creation path is not ``auth/<mount>/role/<role>/secret-id`` may have
@@ -92,9 +80,15 @@ def unwrap_secret_id(client: VaultClient, wrapping_token: str, mount: str, role:
     expected = f"auth/{mount}/role/{role}/secret-id"
     anonymous = client.with_token("")
     try:
-        info = anonymous.post("sys/wrapping/lookup", {"token": wrapping_token}, operation="lookup")
+        info = await anonymous.post(
+            "sys/wrapping/lookup", {"token": wrapping_token}, operation="lookup-wrapping"
+        )
     except VaultError as exc:
-        raise IdentityError(f"the secret_id wrapping token is not valid: {exc.reason}") from None
+        if exc.kind not in _REFUSED:
+            raise
+        raise IdentityError(
+            "the secret_id wrapping token is not valid", "unknown or used"
+        ) from None
     creation_path = str((info.get("data") or {}).get("creation_path", ""))
     if creation_path != expected:
         raise IdentityError(
@@ -102,16 +96,20 @@ def unwrap_secret_id(client: VaultClient, wrapping_token: str, mount: str, role:
             f"not {expected!r}: refusing to unwrap it"
         )
     try:
-        answer = client.with_token(wrapping_token).post("sys/wrapping/unwrap", operation="unwrap")
+        answer = await client.with_token(wrapping_token).request(
+            "POST", "sys/wrapping/unwrap", {}, operation="unwrap", safety=Safety.MINTS_TOKEN
+        )
     except VaultError as exc:
-        raise IdentityError(f"unwrapping the secret_id failed: {exc.reason}") from None
+        if exc.kind not in _REFUSED:
+            raise
+        raise IdentityError("unwrapping the secret_id failed", exc.detail or "refused") from None
     secret_id = (answer.get("data") or {}).get("secret_id")
     if not secret_id:
         raise IdentityError("the unwrapped response holds no secret_id")
     return str(secret_id)
 
 
-def create_child_token(
+async def create_child_token(
     client: VaultClient,
     ttl_seconds: int,
     display_name: str,
@@ -132,15 +130,47 @@ def create_child_token(
     if no_default_policy:
         body["no_default_policy"] = True
     try:
-        answer = client.post("auth/token/create", body, operation="create-token")
+        answer = await client.request(
+            "POST", "auth/token/create", body, "create-token", Safety.MINTS_TOKEN
+        )
     except VaultError as exc:
-        raise IdentityError(f"creating a child token failed: {exc.reason}") from None
+        if exc.kind not in _REFUSED:
+            raise
+        raise IdentityError("creating a child token failed", exc.detail or "refused") from None
     return _login_from(answer)
 
 
-def lookup_self(client: VaultClient) -> dict[str, object]:
-    return dict(client.get("auth/token/lookup-self", operation="lookup-self").get("data") or {})
+async def lookup_self(client: VaultClient) -> dict[str, Any]:
+    answer = await client.get("auth/token/lookup-self", operation="lookup-self")
+    return dict(answer.get("data") or {})
 
 
-def revoke_self(client: VaultClient) -> None:
-    client.post("auth/token/revoke-self", operation="revoke-self")
+async def renew_self(client: VaultClient) -> int:
+    """Renew the client's token; the TTL it now has."""
+    answer = await client.post("auth/token/renew-self", operation="renew-self")
+    return int((answer.get("auth") or {}).get("lease_duration") or 0)
+
+
+async def revoke_self(client: VaultClient) -> None:
+    await client.post("auth/token/revoke-self", operation="revoke-self")
+
+
+async def lookup_accessor(client: VaultClient, accessor: str) -> dict[str, Any] | None:
+    """The token behind ``accessor``, or None when it no longer exists."""
+    try:
+        answer = await client.post(
+            "auth/token/lookup-accessor", {"accessor": accessor}, operation="lookup-accessor"
+        )
+    except (NotFound, PermissionDenied):
+        return None
+    except VaultError as exc:
+        if exc.kind is Fault.INVALID:  # "invalid accessor": it is gone
+            return None
+        raise
+    return dict(answer.get("data") or {})
+
+
+async def revoke_accessor(client: VaultClient, accessor: str) -> None:
+    await client.post(
+        "auth/token/revoke-accessor", {"accessor": accessor}, operation="revoke-accessor"
+    )

@@ -1,53 +1,72 @@
-"""The one place that speaks HTTP to Vault: requests in, typed errors out.
+"""The one place that speaks HTTP to Vault: requests in, typed errors out, retried by one policy.
 
-hvac's adapter does the HTTP; this module maps every failure to the broker's error tree once,
-naming the method and the path, never a response body (bodies can carry values).
+Every failure is classified once, here (:class:`~broker.errors.Fault`), naming the operation and
+the path and never carrying a response body: bodies can hold values. Where Vault's own error
+text matters (check-and-set lost, a login refused for an expired token) it is matched against an
+allow-list and only the list's own words reach the error.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+import asyncio
+import json
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import quote
 
-import hvac
-import hvac.exceptions
-import requests
-import requests.adapters
-
+from broker import logs
 from broker.config import VaultSettings
 from broker.errors import (
     Conflict,
+    Fault,
     NotFound,
+    OutcomeUnknown,
     PermissionDenied,
     RequestTooLarge,
+    VaultConfigError,
     VaultError,
     VaultUnavailable,
 )
+from broker.vault import transport as wire
+from broker.vault.retry import LIMITER, RequestLimiter, RetryPolicy, Safety, current_deadline
+from broker.vault.tls import ssl_context
 
-_CAS_MISMATCH = ("check-and-set", "cas")
+MAX_ANSWER_BYTES = 32 * 1024 * 1024
 RequestObserver = Callable[[str, str], None]
 _observers: list[RequestObserver] = []
 
+# Vault error texts that mean something to the broker → the words it may repeat.
+KNOWN_ERRORS: tuple[tuple[str, str], ...] = (
+    ("check-and-set parameter did not match", "check-and-set mismatch"),
+    ("refused JSON input", "too large"),
+    ("token is expired", "the token has expired"),
+    ("token not yet valid", "the token is not valid yet"),
+    ("audience claim does not match", "wrong audience"),
+    ("invalid issuer", "wrong issuer"),
+    ("no known key successfully validated", "signed by a key Vault does not know"),
+    ("is missing", "a required claim is missing"),
+    ("does not match any associated bound claim values", "a claim is not allowed by the role"),
+    ("could not be found", "the role does not exist"),
+    ("invalid secret id", "invalid secret_id"),
+    ("invalid role or secret id", "invalid role_id or secret_id"),
+    ("error validating token", "the token is invalid"),
+    ("Vault is sealed", "sealed"),
+    ("Client sent an HTTP request to an HTTPS server", "https server"),
+    ("permission denied", "permission denied"),
+)
+
 
 def observe_requests(observer: RequestObserver) -> None:
-    """Call ``observer(operation, status_class)`` after every Vault request (for metrics)."""
+    """Call ``observer(operation, outcome)`` after every request; outcome is ``ok`` or a Fault."""
     _observers.append(observer)
 
 
-def _status_class(error: VaultError | None) -> str:
-    if error is None:
-        return "2xx"
-    if isinstance(error, VaultUnavailable):
-        return "unreachable" if "cannot reach" in error.reason else "5xx"
-    return "4xx"
-
-
-def _notify(operation: str, error: VaultError | None) -> None:
-    status = _status_class(error)
+def _notify(operation: str, outcome: str) -> None:
     for observer in _observers:
-        observer(operation, status)
+        observer(operation, outcome)
 
 
 def escape_path(path: str) -> str:
@@ -55,133 +74,309 @@ def escape_path(path: str) -> str:
     return "/".join(quote(segment, safe="") for segment in path.split("/"))
 
 
-@contextmanager
-def translate(operation: str, path: str) -> Iterator[None]:
-    """Map hvac/requests failures to VaultError subclasses without keeping response bodies."""
+def known_error(errors: Sequence[str]) -> str:
+    """The allow-listed words for the first recognised Vault error text, else ''."""
+    for text in errors:
+        for marker, words in KNOWN_ERRORS:
+            if marker.lower() in text.lower():
+                return words
+    return ""
+
+
+def _retry_after(headers: Mapping[str, str]) -> float | None:
+    value = headers.get("retry-after", "").strip()
+    if not value:
+        return None
+    if value.isdigit():
+        return float(value)
     try:
-        yield
-    except hvac.exceptions.Forbidden:
-        raise PermissionDenied(operation, path, "permission denied") from None
-    except hvac.exceptions.InvalidPath:
-        raise NotFound(operation, path, "not found") from None
-    except hvac.exceptions.InvalidRequest as exc:
-        text = " ".join(str(e) for e in (exc.errors or [])).lower()
-        if any(marker in text for marker in _CAS_MISMATCH):
-            raise Conflict(operation, path, "check-and-set failed (it exists or changed)") from None
-        if "json input" in text or "maximum number of strings" in text:
-            reason = "request too large for the server's JSON limits (max_request_json_*)"
-            raise RequestTooLarge(operation, path, reason) from None
-        raise VaultError(operation, path, "invalid request") from None
-    except hvac.exceptions.Unauthorized:
-        raise PermissionDenied(operation, path, "unauthorized (missing or invalid token)") from None
-    except (
-        hvac.exceptions.VaultDown,
-        hvac.exceptions.InternalServerError,
-        hvac.exceptions.BadGateway,
-        hvac.exceptions.RateLimitExceeded,
-    ) as exc:
-        raise VaultUnavailable(operation, path, type(exc).__name__) from None
-    except hvac.exceptions.VaultError as exc:
-        raise VaultError(operation, path, type(exc).__name__) from None
-    except requests.exceptions.RequestException as exc:
-        reason = f"cannot reach Vault ({type(exc).__name__})"
-        raise VaultUnavailable(operation, path, reason) from None
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
+@dataclass
+class _Addresses:
+    """The configured servers; requests go to the preferred one, which moves on faults."""
+
+    origins: list[wire.Origin]
+    preferred: int = 0
+
+    def current(self) -> wire.Origin:
+        return self.origins[self.preferred % len(self.origins)]
+
+    def move_on(self) -> None:
+        self.preferred = (self.preferred + 1) % len(self.origins)
+
+
+@dataclass
+class _Shared:
+    """What every client of one server shares, whatever its token."""
+
+    settings: VaultSettings
+    transport: wire.Transport
+    addresses: _Addresses
+    policy: RetryPolicy
+    limiter: RequestLimiter
+    namespace_headers: list[tuple[str, str]] = field(default_factory=list)
 
 
 class VaultClient:
-    """A thin, typed wrapper over hvac's adapter with error translation."""
+    """An async Vault client for one token; ``with_token`` shares its connections."""
 
     def __init__(
         self,
         settings: VaultSettings,
-        timeout: int = 10,
-        session: requests.Session | None = None,
+        policy: RetryPolicy | None = None,
+        limiter: RequestLimiter | None = None,
+        token: str | None = None,
     ) -> None:
-        self.addr = settings.addr
-        self._settings = settings
-        self._timeout = timeout
-        # One connection pool for every token of this server (see with_token).
-        if session is None:
-            session = requests.Session()
-            for scheme in ("http://", "https://"):
-                session.mount(scheme, requests.adapters.HTTPAdapter(pool_maxsize=64))
-        self._session = session
-        verify: bool | str = settings.cacert or True
-        self._hvac = hvac.Client(
-            url=settings.addr,
-            token=settings.token or None,
-            timeout=timeout,
-            verify=verify,
-            session=self._session,
+        namespace = [("X-Vault-Namespace", settings.namespace)] if settings.namespace else []
+        self._shared = _Shared(
+            settings=settings,
+            transport=wire.Transport(ssl_context(settings), settings.tls_server_name),
+            addresses=_Addresses([wire.Origin.parse(a) for a in settings.addresses]),
+            policy=policy or RetryPolicy(),
+            limiter=limiter or LIMITER,
+            namespace_headers=namespace,
         )
+        self.token = settings.token if token is None else token
 
     def __repr__(self) -> str:
         return f"VaultClient(addr={self.addr!r})"
 
     @property
-    def token(self) -> str:
-        return str(self._hvac.token or "")
+    def addr(self) -> str:
+        return self._shared.settings.addr
 
-    @token.setter
-    def token(self, value: str) -> None:
-        self._hvac.token = value
+    @property
+    def settings(self) -> VaultSettings:
+        return self._shared.settings
+
+    @property
+    def policy(self) -> RetryPolicy:
+        return self._shared.policy
 
     def with_token(self, token: str) -> VaultClient:
-        """A client for the same server that uses another token."""
-        settings = VaultSettings(addr=self.addr, token=token, cacert=self._settings.cacert)
-        return VaultClient(settings, timeout=self._timeout, session=self._session)
+        """A client for the same servers and connection pool that uses another token."""
+        clone = object.__new__(VaultClient)
+        clone._shared = self._shared
+        clone.token = token
+        return clone
 
-    def request(
+    async def aclose(self) -> None:
+        """Close the pooled connections of the running event loop."""
+        await self._shared.transport.aclose()
+
+    # --- requests -----------------------------------------------------------------------------
+
+    async def request(
         self,
         method: str,
         path: str,
         body: Mapping[str, Any] | None = None,
         operation: str | None = None,
-        wrap_ttl: str | None = None,
+        safety: Safety = Safety.IDEMPOTENT,
+        headers: Sequence[tuple[str, str]] = (),
+        authenticated: bool = True,
+        query: str = "",
     ) -> dict[str, Any]:
-        """Send one request to ``/v1/<path>``; an empty answer comes back as ``{}``."""
+        """Send ``method /v1/<path>`` under the retry policy; an empty answer is ``{}``."""
         op = operation or method.lower()
-        url = f"/v1/{escape_path(path)}"
-        payload = dict(body) if body is not None else None
-        try:
-            with translate(op, path):
-                if wrap_ttl:
-                    response = self._hvac.adapter.request(
-                        method, url, json=payload, wrap_ttl=wrap_ttl
-                    )
-                else:
-                    response = self._hvac.adapter.request(method, url, json=payload)
-        except VaultError as exc:
-            _notify(op, exc)
-            raise
-        _notify(op, None)
-        if isinstance(response, dict):
-            return response
-        return {}
+        payload = json.dumps(body, separators=(",", ":")).encode() if body is not None else b""
+        sent_headers = [*self._headers(authenticated), *headers]
+        if payload:
+            sent_headers.append(("Content-Type", "application/json"))
+        shared = self._shared
+        until = current_deadline(shared.policy)
+        attempt = 0
+        while True:
+            try:
+                target = f"/v1/{escape_path(path)}" + (f"?{query}" if query else "")
+                answer = await self._once(method, target, op, sent_headers, payload, until, attempt)
+            except VaultError as error:
+                _notify(op, str(error.kind))
+                if not self._should_retry(error, safety, attempt, until):
+                    raise _final(error, safety) from None
+                attempt += 1
+                await self._pause(error, attempt, until)
+                if time.monotonic() >= until:
+                    raise _final(error, safety) from None
+                continue
+            _notify(op, "ok")
+            return answer
 
-    def get(self, path: str, operation: str = "read") -> dict[str, Any]:
-        return self.request("GET", path, operation=operation)
+    def _headers(self, authenticated: bool) -> list[tuple[str, str]]:
+        headers = [("X-Vault-Request", "true"), *self._shared.namespace_headers]
+        if authenticated and self.token:
+            headers.append(("X-Vault-Token", self.token))
+        return headers
 
-    def post(
-        self, path: str, body: Mapping[str, Any] | None = None, operation: str = "write"
+    def _should_retry(self, error: VaultError, safety: Safety, attempt: int, until: float) -> bool:
+        return self._shared.policy.may_retry(error, safety) and time.monotonic() < until
+
+    async def _pause(self, error: VaultError, attempt: int, until: float) -> None:
+        shared = self._shared
+        if isinstance(error, VaultUnavailable) and error.kind in (
+            Fault.UNREACHABLE,
+            Fault.SEALED,
+            Fault.STANDBY,
+        ):
+            shared.addresses.move_on()
+        retry_after = error.retry_after if isinstance(error, VaultUnavailable) else None
+        pause = shared.policy.backoff(attempt - 1, retry_after)
+        pause = min(pause, max(0.0, until - time.monotonic()))
+        logs.event(
+            "vault request failed, retrying",
+            operation=error.operation, fault=str(error.kind), attempt=attempt,
+            retry_in=round(pause, 3),
+        )  # fmt: skip
+        await asyncio.sleep(pause)
+
+    async def _once(
+        self,
+        method: str,
+        target: str,
+        op: str,
+        headers: list[tuple[str, str]],
+        payload: bytes,
+        until: float,
+        attempt: int,
     ) -> dict[str, Any]:
-        return self.request("POST", path, body or {}, operation=operation)
+        shared = self._shared
+        path = target.removeprefix("/v1/").split("?", 1)[0]
+        if not await shared.limiter.acquire(retry=attempt > 0, until=until):
+            raise VaultUnavailable(op, path, Fault.RATE_LIMITED, detail="local request cap")
+        timeout = min(shared.policy.request_timeout, until - time.monotonic())
+        if timeout <= 0:
+            raise VaultUnavailable(op, path, Fault.TIMEOUT, detail="deadline passed", sent=False)
+        origin = shared.addresses.current()
+        for _ in range(3):  # at most two redirects, only to configured servers
+            try:
+                response = await shared.transport.request(
+                    origin, method, target, headers, payload, timeout, MAX_ANSWER_BYTES
+                )
+            except wire.TransportError as exc:
+                raise _transport_error(op, path, exc, origin) from None
+            if response.status != 307:
+                return _answer(op, path, response)
+            origin = self._redirect_target(op, path, response)
+        raise VaultUnavailable(op, path, Fault.STANDBY, detail="too many redirects")
 
-    def delete(self, path: str, operation: str = "delete") -> dict[str, Any]:
-        return self.request("DELETE", path, operation=operation)
+    def _redirect_target(self, op: str, path: str, response: wire.Response) -> wire.Origin:
+        target = wire.Origin.parse(response.headers.get("location", ""))
+        if target not in self._shared.addresses.origins:
+            raise VaultUnavailable(
+                op, path, Fault.STANDBY, 307, detail="redirected to a server not in VAULT_ADDR"
+            )
+        return target
 
-    def list(self, path: str) -> list[str]:
+    async def get(self, path: str, operation: str = "read") -> dict[str, Any]:
+        return await self.request("GET", path, operation=operation)
+
+    async def post(
+        self,
+        path: str,
+        body: Mapping[str, Any] | None = None,
+        operation: str = "write",
+        safety: Safety = Safety.IDEMPOTENT,
+    ) -> dict[str, Any]:
+        return await self.request("POST", path, body or {}, operation=operation, safety=safety)
+
+    async def delete(self, path: str, operation: str = "delete") -> dict[str, Any]:
+        return await self.request("DELETE", path, operation=operation)
+
+    async def list(self, path: str) -> list[str]:
+        """The keys under ``path``; an absent folder is empty."""
         try:
-            answer = self.request("LIST", path, operation="list")
+            answer = await self.request("LIST", path, operation="list")
         except NotFound:
             return []
-        keys = answer.get("data", {}).get("keys", [])
+        keys = (answer.get("data") or {}).get("keys") or []
         return [str(key) for key in keys]
 
-    def health(self) -> bool:
-        """True once the server answers /v1/sys/health as initialized and unsealed."""
-        try:
-            response = requests.get(f"{self.addr}/v1/sys/health", timeout=2)
-        except requests.exceptions.RequestException:
-            return False
-        return response.status_code == 200
+    async def health(self) -> dict[str, Any]:
+        """``sys/health`` of the preferred server: initialized, sealed, standby (no token)."""
+        return await self.request(
+            "GET", "sys/health", operation="health", authenticated=False,
+            query="standbyok=true&sealedcode=200&uninitcode=200",
+        )  # fmt: skip
+
+
+def _final(error: VaultError, safety: Safety) -> VaultError:
+    """A token-minting request that got no answer is reported as such, never retried."""
+    if (
+        safety is Safety.MINTS_TOKEN
+        and isinstance(error, VaultUnavailable)
+        and error.sent
+        and error.kind in (Fault.TIMEOUT, Fault.UNKNOWN_OUTCOME)
+    ):
+        return OutcomeUnknown(error.operation, error.path, Fault.UNKNOWN_OUTCOME)
+    return error
+
+
+def _transport_error(
+    op: str, path: str, exc: wire.TransportError, origin: wire.Origin
+) -> VaultError:
+    if isinstance(exc, wire.TLSFailed):
+        hint = (
+            "set VAULT_CACERT to the CA that signed the server's certificate, or "
+            "VAULT_TLS_SERVER_NAME to a name the certificate carries; is VAULT_ADDR's scheme right?"
+        )
+        return VaultConfigError(op, path, Fault.TLS, exc.detail, hint)
+    if isinstance(exc, wire.ConnectFailed):
+        return VaultUnavailable(op, path, Fault.UNREACHABLE, detail=exc.detail, sent=False)
+    if isinstance(exc, wire.TimedOut):
+        return VaultUnavailable(op, path, Fault.TIMEOUT, detail=exc.detail, sent=exc.sent)
+    if isinstance(exc, wire.TooLarge):
+        return VaultError(op, path, Fault.BAD_ANSWER, detail=exc.detail)
+    return VaultUnavailable(op, path, Fault.UNKNOWN_OUTCOME, detail=exc.detail, sent=exc.sent)
+
+
+def _decode(op: str, path: str, response: wire.Response) -> dict[str, Any]:
+    if not response.body:
+        return {}
+    try:
+        answer = json.loads(response.body)
+    except (ValueError, RecursionError):
+        answer = None
+    if not isinstance(answer, dict):
+        if response.status >= 500:
+            return {}
+        raise VaultError(op, path, Fault.BAD_ANSWER, response.status, "not a JSON object")
+    return answer
+
+
+def _answer(op: str, path: str, response: wire.Response) -> dict[str, Any]:
+    status = response.status
+    answer = _decode(op, path, response)
+    if 200 <= status < 300:
+        return answer
+    errors = [str(e) for e in answer.get("errors") or [] if isinstance(e, str)]
+    raise _status_error(op, path, status, known_error(errors), _retry_after(response.headers))
+
+
+def _status_error(
+    op: str, path: str, status: int, known: str, retry_after: float | None
+) -> VaultError:
+    if status == 400 and known == "check-and-set mismatch":
+        return Conflict(op, path, Fault.CONFLICT, status)
+    if status == 400 and known == "too large":
+        return RequestTooLarge(op, path, Fault.TOO_LARGE, status)
+    if status == 400 and known == "https server":
+        hint = "the server speaks HTTPS: use https:// in VAULT_ADDR"
+        return VaultConfigError(op, path, Fault.ADDRESS, "plain HTTP sent to an HTTPS port", hint)
+    if status in (401, 403):
+        return PermissionDenied(op, path, Fault.FORBIDDEN, status, known)
+    if status == 404:
+        return NotFound(op, path, Fault.NOT_FOUND, status)
+    if status == 429:
+        return VaultUnavailable(op, path, Fault.RATE_LIMITED, status, retry_after=retry_after)
+    if status == 503:
+        kind = Fault.SEALED if known == "sealed" else Fault.STANDBY
+        return VaultUnavailable(op, path, kind, status, retry_after=retry_after)
+    if status in (412, 472, 473):
+        return VaultUnavailable(op, path, Fault.STANDBY, status, retry_after=retry_after)
+    if status >= 500:
+        return VaultUnavailable(op, path, Fault.SERVER_ERROR, status, retry_after=retry_after)
+    return VaultError(op, path, Fault.INVALID, status, known)

@@ -1,4 +1,4 @@
-"""KV v2 operations on the broker's mount: versioned documents with check-and-set.
+"""KV v2 on the broker's mount: versioned documents, check-and-set, metadata.
 
 Resources are stored as one JSON string (``{"format": ..., "resource": "<json>"}``), not as a
 JSON tree: OpenBao's listener refuses requests with more than 1000 JSON strings by default
@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from broker.errors import NotFound, VaultError
+from broker.errors import Fault, NotFound, VaultError
 from broker.vault.client import VaultClient
 
 FORMAT = "stigmer-broker/v1"
@@ -24,54 +24,101 @@ class Document:
     version: int
 
 
+@dataclass(frozen=True)
+class Metadata:
+    current_version: int
+    created_time: str
+    custom: dict[str, str] = field(default_factory=dict)
+    delete_version_after: str = ""
+
+
 class KV:
     def __init__(self, client: VaultClient, mount: str) -> None:
         self._client = client
         self.mount = mount
 
-    def read(self, path: str) -> Document:
+    def _data(self, path: str) -> str:
+        return f"{self.mount}/data/{path}"
+
+    def _metadata(self, path: str) -> str:
+        return f"{self.mount}/metadata/{path}"
+
+    async def read(self, path: str) -> Document:
         """The current version; NotFound if it never existed, was deleted or destroyed."""
-        answer = self._client.get(f"{self.mount}/data/{path}")
+        answer = await self._client.get(self._data(path))
         body = answer.get("data") or {}
         data = body.get("data")
         if data is None:  # soft-deleted or expired by delete_version_after
-            raise NotFound("read", f"{self.mount}/data/{path}", "not found (deleted or expired)")
+            raise NotFound("read", self._data(path), Fault.NOT_FOUND, detail="deleted or expired")
         version = int((body.get("metadata") or {}).get("version", 0))
         return Document(data=dict(data), version=version)
 
-    def write(self, path: str, data: Mapping[str, Any], cas: int | None = None) -> int:
+    async def write(self, path: str, data: Mapping[str, Any], cas: int | None = None) -> int:
         """Write a new version; with ``cas`` the write only succeeds at that version (0: create)."""
         body: dict[str, Any] = {"data": dict(data)}
         if cas is not None:
             body["options"] = {"cas": cas}
-        answer = self._client.post(f"{self.mount}/data/{path}", body)
+        answer = await self._client.post(self._data(path), body)
         return int((answer.get("data") or {}).get("version", 0))
 
-    def write_metadata(self, path: str, **settings: Any) -> None:
-        self._client.post(f"{self.mount}/metadata/{path}", settings, operation="write-metadata")
+    async def write_metadata(
+        self,
+        path: str,
+        *,
+        max_versions: int | None = None,
+        delete_version_after: str | None = None,
+        custom: Mapping[str, str] | None = None,
+    ) -> None:
+        """Create or update a key's metadata (it may exist before any version does)."""
+        settings: dict[str, Any] = {}
+        if max_versions is not None:
+            settings["max_versions"] = max_versions
+        if delete_version_after is not None:
+            settings["delete_version_after"] = delete_version_after
+        if custom is not None:
+            settings["custom_metadata"] = dict(custom)
+        await self._client.post(self._metadata(path), settings, operation="write-metadata")
 
-    def destroy(self, path: str) -> None:
+    async def read_metadata(self, path: str) -> Metadata:
+        answer = await self._client.get(self._metadata(path), operation="read-metadata")
+        data = answer.get("data") or {}
+        return Metadata(
+            current_version=int(data.get("current_version") or 0),
+            created_time=str(data.get("created_time") or ""),
+            custom={str(k): str(v) for k, v in (data.get("custom_metadata") or {}).items()},
+            delete_version_after=str(data.get("delete_version_after") or ""),
+        )
+
+    async def destroy(self, path: str) -> None:
         """Delete every version and the metadata: afterwards a read is a 404."""
-        self._client.delete(f"{self.mount}/metadata/{path}", operation="destroy")
+        await self._client.delete(self._metadata(path), operation="destroy")
 
-    def list(self, path: str) -> list[str]:
-        return self._client.list(f"{self.mount}/metadata/{path}")
+    async def list(self, path: str) -> list[str]:
+        return await self._client.list(self._metadata(path))
 
-    def write_resource(self, path: str, resource: Mapping[str, Any], cas: int | None = None) -> int:
+    async def write_resource(
+        self, path: str, resource: Mapping[str, Any], cas: int | None = None
+    ) -> int:
         """Write a resource document as one JSON string (see the module docstring)."""
         text = json.dumps(resource, separators=(",", ":"), sort_keys=True)
-        return self.write(path, {"format": FORMAT, "resource": text}, cas=cas)
+        return await self.write(path, {"format": FORMAT, "resource": text}, cas=cas)
 
-    def read_resource(self, path: str) -> tuple[dict[str, Any], int]:
-        """The resource document stored at ``path`` and its version."""
-        document = self.read(path)
+    async def read_resource(
+        self, path: str, max_bytes: int | None = None
+    ) -> tuple[dict[str, Any], int]:
+        """The resource document stored at ``path`` and its version; a document longer than
+        ``max_bytes`` is refused before it is parsed."""
+        document = await self.read(path)
         text = document.data.get("resource")
         if document.data.get("format") != FORMAT or not isinstance(text, str):
-            raise VaultError("read", f"{self.mount}/data/{path}", f"not a {FORMAT} document")
+            raise VaultError("read", self._data(path), Fault.BAD_ANSWER, detail=f"not {FORMAT}")
+        if max_bytes is not None and len(text) > max_bytes:
+            detail = f"document larger than {max_bytes} bytes"
+            raise VaultError("read", self._data(path), Fault.BAD_ANSWER, detail=detail)
         try:
             resource = json.loads(text)
-        except ValueError:
-            raise VaultError("read", f"{self.mount}/data/{path}", "corrupt document") from None
+        except (ValueError, RecursionError):
+            resource = None
         if not isinstance(resource, dict):
-            raise VaultError("read", f"{self.mount}/data/{path}", "corrupt document")
+            raise VaultError("read", self._data(path), Fault.BAD_ANSWER, detail="corrupt document")
         return resource, document.version

@@ -1,84 +1,105 @@
-"""Transit encrypt/decrypt in batches, chunked below the server's request limits.
+"""Transit encrypt/decrypt/rewrap in batches, chunked below the server's request limits.
 
-OpenBao's listener refuses a request with more than 1000 JSON strings by default (a
-``batch_input`` of 500 items), so batches are sent in chunks of at most 400 items; a server
-configured with a lower limit makes a chunk split in half until it fits.
+OpenBao's default listener refuses a request with more than 1000 JSON strings: a
+``batch_input`` of 499 items passes and 500 does not (measured on OpenBao 2.7.2), so batches go
+in chunks of at most 499 items and at most 8 MiB; a server configured with lower limits makes a
+chunk split in half until it fits.
 """
 
 from __future__ import annotations
 
 import base64
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
-from broker.errors import DecryptError, NotFound, PermissionDenied, RequestTooLarge, VaultError
+from broker.errors import DecryptError, Fault, PermissionDenied, RequestTooLarge, VaultError
 from broker.vault.client import VaultClient
 
-DEFAULT_CHUNK = 400
+MAX_ITEMS = 499
+MAX_BYTES = 8 * 1024 * 1024
+
+
+def chunks(items: Sequence[dict[str, str]], max_items: int) -> Iterator[Sequence[dict[str, str]]]:
+    """Consecutive slices of at most ``max_items`` items and about ``MAX_BYTES`` bytes."""
+    start, size = 0, 0
+    for index, item in enumerate(items):
+        length = sum(len(v) for v in item.values()) + 32
+        if index > start and (index - start >= max_items or size + length > MAX_BYTES):
+            yield items[start:index]
+            start, size = index, 0
+        size += length
+    if start < len(items):
+        yield items[start:]
 
 
 class Transit:
-    def __init__(self, client: VaultClient, mount: str, chunk: int = DEFAULT_CHUNK) -> None:
+    def __init__(self, client: VaultClient, mount: str, max_items: int = MAX_ITEMS) -> None:
         self._client = client
         self.mount = mount
-        self.chunk = chunk
+        self.max_items = max_items
 
-    def create_key(self, key: str) -> None:
-        self._client.post(f"{self.mount}/keys/{key}", {"type": "aes256-gcm96"})
+    async def create_key(self, key: str) -> None:
+        await self._client.post(f"{self.mount}/keys/{key}", {"type": "aes256-gcm96"})
 
-    def key_exists(self, key: str) -> bool:
+    async def key_exists(self, key: str) -> bool:
         try:
-            self._client.get(f"{self.mount}/keys/{key}")
-        except NotFound:
-            return False
+            await self._client.get(f"{self.mount}/keys/{key}")
+        except VaultError as exc:
+            if exc.kind is Fault.NOT_FOUND:
+                return False
+            raise
         return True
 
-    def _send(
+    async def _send(
         self, operation: str, key: str, batch: Sequence[dict[str, str]], field: str
     ) -> list[str]:
         path = f"{self.mount}/{operation}/{key}"
         try:
-            answer = self._client.post(path, {"batch_input": list(batch)}, operation=operation)
+            answer = await self._client.post(path, {"batch_input": list(batch)}, operation)
         except RequestTooLarge:
             if len(batch) == 1:
                 raise
             half = len(batch) // 2
-            return self._send(operation, key, batch[:half], field) + self._send(
-                operation, key, batch[half:], field
-            )
-        results: list[dict[str, Any]] = answer.get("data", {}).get("batch_results", [])
-        if len(results) != len(batch) or any(field not in r for r in results):
-            raise VaultError(operation, path, "batch result incomplete")
-        return [str(r[field]) for r in results]
+            first = await self._send(operation, key, batch[:half], field)
+            return first + await self._send(operation, key, batch[half:], field)
+        results: list[Any] = (answer.get("data") or {}).get("batch_results") or []
+        if len(results) != len(batch) or any(
+            not isinstance(r, dict) or not isinstance(r.get(field), str) for r in results
+        ):
+            raise VaultError(operation, path, Fault.BAD_ANSWER, detail="batch result incomplete")
+        return [r[field] for r in results]
 
-    def _batch(
+    async def _batch(
         self, operation: str, key: str, batch: Sequence[dict[str, str]], field: str
     ) -> list[str]:
         out: list[str] = []
-        for start in range(0, len(batch), self.chunk):
-            out.extend(self._send(operation, key, batch[start : start + self.chunk], field))
+        for chunk in chunks(batch, self.max_items):
+            out.extend(await self._send(operation, key, chunk, field))
         return out
 
-    def encrypt(self, key: str, plaintexts: Sequence[str]) -> list[str]:
+    async def encrypt(self, key: str, plaintexts: Sequence[str]) -> list[str]:
         """Encrypt many values in as few requests as the server allows; ``vault:vN:…`` out."""
         batch = [{"plaintext": base64.b64encode(p.encode()).decode()} for p in plaintexts]
-        return self._batch("encrypt", key, batch, "ciphertext")
+        return await self._batch("encrypt", key, batch, "ciphertext")
 
-    def rewrap(self, key: str, ciphertexts: Sequence[str]) -> list[str]:
+    async def rewrap(self, key: str, ciphertexts: Sequence[str]) -> list[str]:
         """Re-encrypt ciphertexts to the key's newest version inside Vault (no plaintext out)."""
-        return self._batch("rewrap", key, [{"ciphertext": c} for c in ciphertexts], "ciphertext")
+        batch = [{"ciphertext": c} for c in ciphertexts]
+        return await self._batch("rewrap", key, batch, "ciphertext")
 
-    def decrypt(self, key: str, ciphertexts: Sequence[str]) -> list[str]:
+    async def decrypt(self, key: str, ciphertexts: Sequence[str]) -> list[str]:
         """Decrypt many values; any failure of the values themselves is one opaque DecryptError."""
+        if not ciphertexts:
+            return []
         try:
-            encoded = self._batch(
+            encoded = await self._batch(
                 "decrypt", key, [{"ciphertext": c} for c in ciphertexts], "plaintext"
             )
             return [base64.b64decode(p, validate=True).decode() for p in encoded]
         except (PermissionDenied, RequestTooLarge):
             raise
         except VaultError as exc:
-            if exc.retryable:
+            if exc.retryable or exc.kind is Fault.BAD_ANSWER:
                 raise
             raise DecryptError() from None
         except (ValueError, UnicodeDecodeError):

@@ -15,17 +15,19 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from string import Template
 
-from broker.datafiles import data_dir
+from broker import dev
+from broker.dev.datafiles import data_dir
 from broker.errors import ConfigError
 
-DEFAULT_STATE_DIR = Path(".vault-dev")
+DEFAULT_STATE_DIR = Path(dev.DEFAULT_STATE_DIR)
 # Servers started by this process, so stop() can reap them (no zombies, no ResourceWarning).
 _STARTED: dict[int, subprocess.Popen[bytes]] = {}
-IDENTITY_KEY = "identity.pem"
+IDENTITY_KEY = dev.IDENTITY_KEY
 AUDIT_LOG = "audit.log"
 
 
@@ -97,19 +99,23 @@ def _is_our_server(pid: int, state_dir: Path) -> bool:
     return f"-config={state_dir / 'server.hcl'}".encode() in argv
 
 
-def _wait_healthy(addr: str, process: subprocess.Popen[bytes], deadline: float) -> None:
-    import requests
+def healthy(addr: str) -> bool:
+    """True once the server answers ``/v1/sys/health`` as initialized, unsealed and active."""
+    try:
+        with urllib.request.urlopen(f"{addr}/v1/sys/health", timeout=1) as answer:  # noqa: S310
+            return bool(answer.status == 200)
+    except (OSError, ValueError):
+        return False
 
+
+def _wait_healthy(addr: str, process: subprocess.Popen[bytes], deadline: float) -> None:
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise ConfigError(
                 f"the dev server exited with code {process.returncode}; see server.log"
             )
-        try:
-            if requests.get(f"{addr}/v1/sys/health", timeout=1).status_code == 200:
-                return
-        except requests.exceptions.RequestException:
-            pass
+        if healthy(addr):
+            return
         time.sleep(0.05)
     raise ConfigError("the dev server did not become healthy within the deadline; see server.log")
 

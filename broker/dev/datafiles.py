@@ -14,7 +14,7 @@ def data_dir(name: str, marker: str) -> Path:
     variable = f"STIGMER_{name.upper().replace('-', '_')}_DIR"
     candidates = [
         Path(os.environ[variable]) if variable in os.environ else None,
-        Path(__file__).resolve().parent.parent / name,
+        Path(__file__).resolve().parents[2] / name,
         Path(sys.prefix) / "share" / "stigmer-broker" / name,
     ]
     for candidate in candidates:

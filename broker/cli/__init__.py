@@ -1,0 +1,115 @@
+"""The ``stigmer-broker`` command: arguments in, one line, a hint and an exit code out on error.
+
+One module per command group (``dev``, ``admin``, ``control``, ``runner``), each holding its
+flags beside its handlers and importing what it needs only when a handler runs. Every
+:class:`~broker.errors.BrokerError` becomes ``stigmer-broker: error: <message>`` plus its
+``hint`` on stderr, with the exit code from :data:`EXIT_CODES`; no traceback, no value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from broker import __version__, errors
+from broker.cli import admin, control, dev, runner
+from broker.cli.common import PROG, HelpFormatter, configure_vault
+from broker.hardening import harden
+
+# The one table from error class to exit code; most specific first.
+EXIT_CODES: list[tuple[type[errors.BrokerError], int]] = [
+    (errors.ClaimConflict, 9),
+    (errors.ExecutionGone, 10),
+    (errors.ExecutionUnknown, 11),
+    (errors.VaultConfigError, 2),
+    (errors.PermissionDenied, 8),
+    (errors.VaultError, 3),
+    (errors.IdentityError, 4),
+    (errors.DecryptError, 5),
+    (errors.RenderError, 6),
+    (errors.CleanupError, 7),
+    (errors.ConfigError, 2),
+    (errors.ValidationError, 2),
+    (errors.ResolveError, 2),
+    (errors.BrokerError, 1),
+]
+
+
+def exit_code(error: errors.BrokerError) -> int:
+    return next(code for cls, code in EXIT_CODES if isinstance(error, cls))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Vault-backed secrets broker for Stigmer agent and workflow runners",
+        epilog="example:\n  stigmer-broker dev up && source .vault-dev/env && stigmer-broker env",
+        formatter_class=HelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    parser.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        help="level of the JSON log lines on stderr (default: info for run and sidecar, "
+        "warning for the others)",
+    )
+    parser.add_argument("--vault-timeout", default="10s", help="timeout of one Vault request")
+    parser.add_argument(
+        "--vault-deadline",
+        default="30s",
+        help="how long one Vault operation may take, retries of transient faults included",
+    )
+    commands = parser.add_subparsers(dest="command_name", required=True, metavar="COMMAND")
+    for group in (dev, admin, control, runner):
+        group.register(commands)
+    completion = commands.add_parser(
+        "completion", help="print a shell completion script", formatter_class=HelpFormatter,
+        epilog="example:\n  stigmer-broker completion bash > /etc/bash_completion.d/stigmer-broker",
+    )  # fmt: skip
+    completion.add_argument("shell", choices=["bash", "zsh"])
+    completion.set_defaults(handler=_completion)
+    return parser
+
+
+def _completion(args: argparse.Namespace) -> int:
+    import shtab
+
+    print(shtab.complete(build_parser(), shell=args.shell))
+    return 0
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    import inspect
+
+    result = args.handler(args)
+    if inspect.iscoroutine(result):
+        import asyncio
+
+        result = asyncio.run(result)
+    return int(result)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    harden()
+    args = build_parser().parse_args(argv)
+    from broker import logs
+
+    quiet = args.command_name not in runner.RUNNER_COMMANDS
+    logs.setup(args.log_level or ("warning" if quiet else "info"))
+    try:
+        configure_vault(args)
+        return _dispatch(args)
+    except errors.BrokerError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        if exc.hint:
+            print(f"{PROG}: hint: {exc.hint}", file=sys.stderr)
+        return exit_code(exc)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `… | head`: the reader left; end quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0

@@ -1,0 +1,303 @@
+"""Prepare one execution and end it, the same way for every front end.
+
+prepare: read the context (login token) → lease (``LeaseMode``) → claim → decrypt (one batch)
+→ resolve → render. Nothing is written before decryption and resolution succeeded; whatever was
+acquired is given back if anything fails or the caller is cancelled, and the context is kept so
+the execution can be retried.
+
+end: wipe the files → drop the plaintext (memory, log redactor) → destroy the context →
+release the claim → revoke the lease. Every step is attempted; when the lease is already gone
+the login token does the Vault steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import Enum
+
+from broker import logs, names
+from broker.config import Layout
+from broker.errors import BrokerError, PermissionDenied, ValidationError, VaultError
+from broker.execution import claims
+from broker.execution import context as contexts
+from broker.execution.cleanup import Cleanup
+from broker.execution.keeper import HeldToken, TokenKeeper
+from broker.logs import REDACTOR, Registration
+from broker.protocol import FilePaths, runner_variables
+from broker.render.files import contents, render
+from broker.render.outdir import ExecutionDirectory, OutputRoot
+from broker.render.wipe import wipe
+from broker.resolve import ServerConfig, Variable, resolve_servers
+from broker.vault import (
+    KV,
+    Login,
+    Transit,
+    VaultClient,
+    create_child_token,
+    deadline,
+    lookup_self,
+    revoke_self,
+)
+
+STRIPPED_FROM_CHILD = ("VAULT_", "BAO_", "STIGMER_DEV_IDENTITY_KEY")
+
+
+class LeaseMode(Enum):
+    LOGIN = "login"  # the login is the execution's lease (run: one execution per login)
+    CHILD = "child"  # a child token per execution (sidecar; run with a given token)
+
+
+@dataclass(frozen=True)
+class CoreSettings:
+    tenant: str
+    out: OutputRoot
+    lease_mode: LeaseMode
+    holder: str  # recorded in claims: "run" or "sidecar"
+    pod: str = ""
+    allow_secret_in_args: bool = False
+    child_policies: tuple[str, ...] | None = ("stigmer-runner",)  # None: the parent's
+    deadline: float = 60.0  # seconds for one whole preparation
+
+
+@dataclass(eq=False)
+class Lease:
+    held: HeldToken  # the login it depends on (LeaseMode.LOGIN: the lease itself)
+    login: Login
+    client: VaultClient
+
+
+@dataclass(eq=False)
+class Execution:
+    """A prepared execution: its plaintext lives here until ``end`` drops it."""
+
+    id: str
+    tenant: str
+    expires_at: datetime | None
+    variables: dict[str, Variable] = field(repr=False)
+    directory: ExecutionDirectory
+    lease: Lease
+    registration: Registration
+
+    @property
+    def files(self) -> FilePaths:
+        return FilePaths.of(self.directory.path)
+
+    def child_environment(self, base: Mapping[str, str]) -> dict[str, str]:
+        """The runner's environment: ``base`` minus Vault credentials, plus the variables."""
+        environ = {k: v for k, v in base.items() if not k.startswith(STRIPPED_FROM_CHILD)}
+        environ.update({name: var.value for name, var in self.variables.items()})
+        environ.update(runner_variables(self.id, self.files))
+        return environ
+
+
+class ExecutionCore:
+    def __init__(
+        self, client: VaultClient, layout: Layout, keeper: TokenKeeper, settings: CoreSettings
+    ) -> None:
+        self._client = client
+        self._layout = layout
+        self.keeper = keeper
+        self.settings = settings
+
+    # --- prepare ------------------------------------------------------------------------------
+
+    async def prepare(self, execution_id: str, reader_uid: int | None = None) -> Execution:
+        """Claim, decrypt, resolve and render ``execution_id`` (files readable by
+        ``reader_uid`` when that is another uid)."""
+        names.execution_id(execution_id)
+        with deadline(self.settings.deadline):
+            held = self.keeper.current
+            if held is None:
+                raise BrokerError("not logged in to Vault")
+            path = self._layout.context_path(self.settings.tenant, execution_id)
+            kv = KV(held.client, self._layout.kv_mount)
+            context = await contexts.read(kv, path, execution_id, self.settings.tenant)
+            lease = await self._lease(context)
+            try:
+                return await self._claim_and_deliver(context, lease, reader_uid)
+            except BaseException:
+                await asyncio.shield(self._give_back(lease))
+                raise
+
+    async def _lease(self, context: contexts.StoredContext) -> Lease:
+        remaining = math.ceil(context.remaining())
+        if remaining > self.keeper.max_ttl:
+            raise ValidationError(
+                f"execution {context.execution_id}",
+                [
+                    f"the context lives {remaining}s more, longer than a lease can "
+                    f"({int(self.keeper.max_ttl)}s, the runner role's token_max_ttl): issue it "
+                    "with a shorter --ttl or raise token_max_ttl and --login-max-ttl"
+                ],
+            )
+        held = await self.keeper.token_for(remaining + 5)
+        if self.settings.lease_mode is LeaseMode.LOGIN:
+            return Lease(held, held.login, held.client)
+        try:
+            login = await create_child_token(
+                held.client,
+                remaining,
+                f"stigmer-exec-{context.execution_id}",
+                {"execution_id": context.execution_id, "tenant": context.tenant,
+                 **({"pod": self.settings.pod} if self.settings.pod else {})},
+                list(self.settings.child_policies) if self.settings.child_policies else None,
+                no_default_policy=self.settings.child_policies is not None,
+            )  # fmt: skip
+        except BaseException:
+            await self.keeper.detach(held)
+            raise
+        return Lease(held, login, held.client.with_token(login.token))
+
+    async def _claim_and_deliver(
+        self, context: contexts.StoredContext, lease: Lease, reader_uid: int | None
+    ) -> Execution:
+        settings = self.settings
+        claimant = claims.Claimant(settings.pod, settings.holder, lease.login.accessor)
+        await claims.claim(
+            lease.client, self._layout, context.tenant, context.execution_id, claimant
+        )
+        try:
+            return await self._deliver(context, lease, reader_uid)
+        except BaseException:
+            await asyncio.shield(self._release_quietly(lease, context.execution_id))
+            raise
+
+    async def _deliver(
+        self, context: contexts.StoredContext, lease: Lease, reader_uid: int | None
+    ) -> Execution:
+        secret_names = [name for name, value in context.data.items() if value.is_secret]
+        plaintexts = await Transit(lease.client, self._layout.transit_mount).decrypt(
+            self._layout.transit_key(context.tenant),
+            [context.data[name].value for name in secret_names],
+        )
+        registration = REDACTOR.register(plaintexts)
+        decrypted = dict(zip(secret_names, plaintexts, strict=True))
+        variables = {
+            name: Variable(decrypted.get(name, value.value), value.is_secret, False, "context")
+            for name, value in context.data.items()
+        }
+        try:
+            directory = self._render(context, variables, reader_uid)
+        except BaseException:
+            registration.release()
+            raise
+        logs.event(
+            "execution prepared",
+            execution_id=context.execution_id,
+            lease_accessor=lease.login.accessor,
+            variables=len(variables),
+            secrets=len(secret_names),
+            directory=str(directory.path),
+        )
+        return Execution(
+            context.execution_id, context.tenant, context.expires_at, variables, directory,
+            lease, registration,
+        )  # fmt: skip
+
+    def _render(
+        self,
+        context: contexts.StoredContext,
+        variables: dict[str, Variable],
+        reader_uid: int | None,
+    ) -> ExecutionDirectory:
+        allow = self.settings.allow_secret_in_args or context.allow_secret_in_args
+        servers: list[ServerConfig] = resolve_servers(context.mcp_servers, variables, allow)
+        files = contents(
+            context.execution_id, context.tenant, variables, servers, context.expires_at
+        )
+        directory = self.settings.out.create(context.execution_id, reader_uid)
+        try:
+            render(directory, files, reader_uid)
+        except BaseException:
+            wipe(directory)
+            raise
+        return directory
+
+    async def _release_quietly(self, lease: Lease, execution_id: str) -> None:
+        try:
+            await claims.release(lease.client, self._layout, self.settings.tenant, execution_id)
+        except VaultError as exc:
+            logs.event("claim release failed", level=40, execution_id=execution_id, error=str(exc))
+
+    async def _give_back(self, lease: Lease) -> None:
+        """A preparation failed: the lease goes (a child is revoked, a login detached)."""
+        if lease.login is not lease.held.login:
+            try:
+                await revoke_self(lease.client)
+            except VaultError as exc:
+                logs.event("lease revoke failed", level=40, error=str(exc))
+        await self.keeper.detach(lease.held)
+        if self.settings.lease_mode is LeaseMode.LOGIN:
+            await self.keeper.revoke(lease.held)
+
+    # --- end ----------------------------------------------------------------------------------
+
+    async def end(self, execution: Execution, lease_gone: bool = False) -> Cleanup:
+        """Wipe, drop the plaintext, destroy the context, release the claim, revoke the lease.
+
+        ``lease_gone``: the lease was revoked from outside; the login does the Vault steps.
+        """
+        report = Cleanup()
+        wiped = wipe(execution.directory)
+        report.files_removed, report.errors = wiped.removed, list(wiped.failed)
+        execution.registration.release()
+        execution.variables.clear()
+        await self._vault_steps(execution, report, lease_gone)
+        logs.event("execution ended", execution_id=execution.id, **report.as_json())
+        return report
+
+    async def _vault_steps(self, execution: Execution, report: Cleanup, lease_gone: bool) -> None:
+        lease, layout, tenant = execution.lease, self._layout, execution.tenant
+        for step, path in (
+            ("context", layout.context_path(tenant, execution.id)),
+            ("claim", layout.claim_path(tenant, execution.id)),
+        ):
+            outcome = await self._destroy(path, lease, lease_gone, report)
+            if outcome:
+                setattr(report, step, "destroyed" if step == "context" else "released")
+        if lease_gone:
+            report.lease = "already revoked"
+        else:
+            report.lease = await self._revoke_lease(lease, report)
+        await self.keeper.detach(lease.held)
+
+    async def _destroy(self, path: str, lease: Lease, lease_gone: bool, report: Cleanup) -> bool:
+        actors = [] if lease_gone else [lease.client]
+        if self.keeper.current is not None:
+            actors.append(self.keeper.current.client)
+        for index, actor in enumerate(actors):
+            try:
+                await KV(actor, self._layout.kv_mount).destroy(path)
+                return True
+            except PermissionDenied as exc:  # the lease expired meanwhile: try the login
+                if index == len(actors) - 1:
+                    report.errors.append(str(exc))
+            except VaultError as exc:
+                report.errors.append(str(exc))
+                return False
+        return False
+
+    async def _revoke_lease(self, lease: Lease, report: Cleanup) -> str:
+        if self.settings.lease_mode is LeaseMode.LOGIN:
+            if await self.keeper.revoke(lease.held):
+                return "revoked"
+            report.errors.append(f"revoking the login {lease.login.accessor} failed")
+            return "failed"
+        try:
+            await revoke_self(lease.client)
+        except VaultError as exc:
+            report.errors.append(f"revoking the lease failed: {exc}")
+            return "failed"
+        return "revoked"
+
+    async def lease_alive(self, execution: Execution) -> bool:
+        """False when Vault no longer accepts the execution's lease (revoked from outside)."""
+        try:
+            await lookup_self(execution.lease.client)
+        except PermissionDenied:
+            return False
+        return True

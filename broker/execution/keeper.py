@@ -1,0 +1,236 @@
+"""The one token keeper: the process's Vault login, kept alive exactly as long as it is needed.
+
+- Renews each held token at about 2/3 of its TTL, on the monotonic clock.
+- A transient renewal failure (after the client's own retries) backs off with full jitter,
+  never past the token's expiry; the process-wide request cap applies to every attempt.
+- A token Vault refuses (403: revoked or expired) is dropped; if it was the current login, the
+  keeper logs in again.
+- When renewal stops extending the current login (its max TTL is near), the keeper logs in
+  again and retires the old login. Leases are child tokens and die with their parent, so a
+  retired login is kept alive while it parents leases and revoked when its last lease ends.
+- ``close()`` revokes every login the keeper obtained; a token it was given is left alone.
+
+``run`` uses it for its one login (which is also the execution's lease); the sidecar for the
+login that parents every execution's lease.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from broker import logs
+from broker.errors import BrokerError, PermissionDenied, VaultError
+from broker.vault import Login, VaultClient, deadline, lookup_self, renew_self, revoke_self
+
+RENEW_AT = 2 / 3
+LoginFunction = Callable[[], Awaitable[Login]]
+Observer = Callable[[str, str], None]  # (what, result): ("login", "ok"), ("renewal", "failed")
+
+
+@dataclass(eq=False)
+class HeldToken:
+    login: Login
+    client: VaultClient
+    issued: float  # monotonic time of the login
+    expires: float  # monotonic end of the current TTL
+    renewed: float  # monotonic time of the login or the last renewal
+    leases: int = 0
+    failures: int = 0
+    retry_at: float | None = None
+    given: bool = False  # handed to us (VAULT_TOKEN): never renewed or revoked by the keeper
+
+    @property
+    def accessor(self) -> str:
+        return self.login.accessor
+
+    def due(self) -> float:
+        if self.retry_at is not None:
+            return self.retry_at
+        return self.renewed + (self.expires - self.renewed) * RENEW_AT
+
+
+class TokenKeeper:
+    def __init__(
+        self,
+        client: VaultClient,
+        login: LoginFunction | None,
+        max_ttl: float,
+        observer: Observer | None = None,
+    ) -> None:
+        """``login`` None means: use ``client``'s token as given (``run --auth token``)."""
+        self._client = client
+        self._login = login
+        self.max_ttl = max_ttl
+        self._observe = observer or (lambda what, result: None)
+        self.current: HeldToken | None = None
+        self._retired: list[HeldToken] = []
+        self._lock = asyncio.Lock()
+        self._changed = asyncio.Event()
+
+    # --- logins -------------------------------------------------------------------------------
+
+    async def start(self, timeout: float) -> HeldToken:
+        """The first login, retried where safe until ``timeout`` seconds have passed."""
+        if self._login is None:
+            forever = time.monotonic() + 10 * 365 * 86400.0
+            given = Login(self._client.token, "", 0, ())
+            self.current = HeldToken(given, self._client, 0.0, forever, 0.0, given=True)
+            return self.current
+        with deadline(timeout):
+            return await self._new_login()
+
+    async def _new_login(self) -> HeldToken:
+        assert self._login is not None
+        try:
+            login = await self._login()
+        except BrokerError:
+            self._observe("login", "failed")
+            raise
+        self._observe("login", "ok")
+        now = time.monotonic()
+        token = HeldToken(login, self._client.with_token(login.token), now, now + login.ttl, now)
+        previous, self.current = self.current, token
+        logs.event("logged in", accessor=login.accessor, ttl=login.ttl)
+        if previous is not None:
+            await self._retire(previous)
+        self._changed.set()
+        return token
+
+    async def relogin(self, stale: HeldToken) -> HeldToken:
+        """Log in again unless someone already did since ``stale`` was current."""
+        async with self._lock:
+            if self.current is not None and self.current is not stale:
+                return self.current
+            return await self._new_login()
+
+    async def token_for(self, lifetime: float) -> HeldToken:
+        """The current login, if renewals can keep it alive ``lifetime`` more seconds; else a
+        fresh one. The caller owns one lease on it until :meth:`detach`."""
+        token = self.current
+        assert token is not None, "start() first"
+        if not token.given and token.issued + self.max_ttl - 30 < time.monotonic() + lifetime:
+            token = await self.relogin(token)
+        token.leases += 1
+        return token
+
+    async def detach(self, token: HeldToken) -> None:
+        """One lease of ``token`` ended; a retired login with no lease left is revoked."""
+        token.leases -= 1
+        if token in self._retired and token.leases <= 0:
+            self._retired.remove(token)
+            await self._revoke(token)
+
+    async def _retire(self, token: HeldToken) -> None:
+        if token.leases > 0:
+            self._retired.append(token)
+        else:
+            await self._revoke(token)
+
+    # --- renewal ------------------------------------------------------------------------------
+
+    def held(self) -> list[HeldToken]:
+        return [*self._retired, *([self.current] if self.current else [])]
+
+    async def run(self) -> None:
+        """Renew every held token when due, forever (cancel the task to stop)."""
+        while True:
+            renewable = [t for t in self.held() if t.login.renewable and not t.given]
+            self._changed.clear()
+            if not renewable:
+                await self._changed.wait()
+                continue
+            token = min(renewable, key=HeldToken.due)
+            pause = token.due() - time.monotonic()
+            if pause > 0:
+                try:
+                    await asyncio.wait_for(self._changed.wait(), pause)
+                    continue  # something changed: recompute
+                except TimeoutError:
+                    pass
+            await self._renew(token)
+
+    async def _renew(self, token: HeldToken) -> None:
+        try:
+            ttl = await renew_self(token.client)
+        except PermissionDenied:
+            self._observe("renewal", "refused")
+            logs.event("token refused by Vault: dropped", level=30, accessor=token.accessor)
+            await self._drop(token)
+            return
+        except VaultError as exc:
+            self._observe("renewal", "failed")
+            token.failures += 1
+            pause = self._client.policy.backoff(token.failures)
+            token.retry_at = min(time.monotonic() + max(pause, 0.5), token.expires)
+            logs.event("token renewal failed", accessor=token.accessor, error=str(exc))
+            if token.retry_at >= token.expires:
+                await self._drop(token)
+            return
+        self._observe("renewal", "ok")
+        now = time.monotonic()
+        extended = now + ttl > token.expires + 1
+        token.renewed, token.expires, token.failures, token.retry_at = now, now + ttl, 0, None
+        if not extended and token is self.current and self._login is not None:
+            logs.event("token reached its max TTL: logging in again", accessor=token.accessor)
+            await self._relogin_quietly(token)
+
+    async def _drop(self, token: HeldToken) -> None:
+        if token in self._retired:
+            self._retired.remove(token)
+        if token is self.current and self._login is not None:
+            await self._relogin_quietly(token)
+
+    async def _relogin_quietly(self, stale: HeldToken) -> None:
+        try:
+            await self.relogin(stale)
+        except BrokerError as exc:
+            logs.event("re-login failed", level=40, error=str(exc))
+
+    # --- checks and the end -------------------------------------------------------------------
+
+    async def verify(self) -> bool:
+        """Does Vault still accept the current login? Logs in again if it was refused."""
+        token = self.current
+        if token is None:
+            return False
+        try:
+            await lookup_self(token.client)
+        except PermissionDenied:
+            if token.given or self._login is None:
+                return False
+            await self._relogin_quietly(token)
+            return self.current is not token
+        except VaultError:
+            return False
+        return True
+
+    async def revoke(self, token: HeldToken) -> bool:
+        """Revoke ``token`` now (``run``: the login is the execution's lease) and forget it."""
+        if token is self.current:
+            self.current = None
+        elif token in self._retired:
+            self._retired.remove(token)
+        return await self._revoke(token)
+
+    async def _revoke(self, token: HeldToken) -> bool:
+        if token.given:
+            return True
+        try:
+            await revoke_self(token.client)
+        except VaultError as exc:
+            self._observe("revocation", "failed")
+            logs.event("login revoke failed", level=40, accessor=token.accessor, error=str(exc))
+            return False
+        self._observe("revocation", "ok")
+        logs.event("login revoked", accessor=token.accessor)
+        return True
+
+    async def close(self) -> None:
+        """Revoke every login this keeper obtained (and so every lease they parent)."""
+        for token in self.held():
+            await self._revoke(token)
+        self._retired.clear()
+        self.current = None

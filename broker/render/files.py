@@ -1,0 +1,72 @@
+"""Write one execution's four files: ``env``, ``env.json``, ``mcp.json``, ``manifest.json``.
+
+All contents are built first, then written, so a failure leaves no half-written set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from broker import envfile
+from broker.errors import RenderError
+from broker.render import formats
+from broker.render.outdir import ExecutionDirectory, write_atomic
+from broker.resolve import ServerConfig, Variable
+
+FILE_NAMES = ("env", "env.json", "mcp.json", "manifest.json")
+
+
+@dataclass(frozen=True)
+class RenderedFiles:
+    directory: Path
+
+    @property
+    def env(self) -> Path:
+        return self.directory / "env"
+
+    @property
+    def env_json(self) -> Path:
+        return self.directory / "env.json"
+
+    @property
+    def mcp_json(self) -> Path:
+        return self.directory / "mcp.json"
+
+    @property
+    def manifest(self) -> Path:
+        return self.directory / "manifest.json"
+
+
+def contents(
+    execution_id: str,
+    tenant: str,
+    variables: Mapping[str, Variable],
+    servers: Sequence[ServerConfig],
+    expires_at: datetime | None,
+) -> dict[str, bytes]:
+    """The four files' bytes; ``variables`` hold plaintext, ``servers`` are resolved."""
+    values = {name: var.value for name, var in variables.items()}
+    files = {
+        "env": envfile.write(values).encode(),
+        "env.json": formats.as_json(dict(sorted(values.items()))),
+        "mcp.json": formats.as_json(formats.mcp_config(servers)),
+    }
+    manifest = formats.manifest(execution_id, tenant, variables, servers, expires_at, files)
+    files["manifest.json"] = formats.as_json(manifest)
+    return files
+
+
+def render(
+    directory: ExecutionDirectory, files: Mapping[str, bytes], reader_uid: int | None = None
+) -> RenderedFiles:
+    """Write ``files`` into ``directory`` (0400, readable by ``reader_uid`` if another uid)."""
+    try:
+        with directory.open() as fd:
+            for name, data in files.items():
+                write_atomic(fd, name, data, reader_uid)
+    except OSError as exc:
+        raise RenderError(f"{directory.path}: cannot write ({exc.strerror})") from None
+    return RenderedFiles(directory.path)

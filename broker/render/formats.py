@@ -1,0 +1,103 @@
+"""File contents: the MCP client config shapes and the manifest. No I/O.
+
+``mcp.json`` is ``{"mcpServers": {name: entry}}``, the shape Claude Desktop, Claude Code and
+Cursor read: stdio → ``command``, ``args``, ``env``, ``cwd``; http → ``"type": "http"``,
+``url`` (query params appended, URL-encoded), ``headers``; docker → ``"command": "docker"``
+with ``run -i --rm`` arguments and the values in ``env``, never in argv.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+from urllib.parse import urlencode, urlsplit, urlunsplit
+
+from broker.resolve import ServerConfig, Variable, server_type
+
+
+def _with_query(url: str, params: Mapping[str, str]) -> str:
+    if not params:
+        return url
+    parts = urlsplit(url)
+    query = urlencode(sorted(params.items()))
+    return urlunsplit(parts._replace(query=f"{parts.query}&{query}" if parts.query else query))
+
+
+def _stdio_entry(stdio: Mapping[str, Any]) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "command": stdio["command"],
+        "args": list(stdio.get("args") or []),
+        "env": dict(stdio.get("env_placeholders") or {}),
+    }
+    if stdio.get("working_dir"):
+        entry["cwd"] = stdio["working_dir"]
+    return entry
+
+
+def _http_entry(http: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "type": "http",
+        "url": _with_query(http["url"], http.get("query_params") or {}),
+        "headers": dict(http.get("headers") or {}),
+    }
+
+
+def _docker_entry(docker: Mapping[str, Any]) -> dict[str, Any]:
+    environment = dict(docker.get("env_placeholders") or {})
+    args = ["run", "-i", "--rm"]
+    for name in environment:
+        args += ["-e", name]
+    for volume in docker.get("volumes") or []:
+        spec = f"{volume['host_path']}:{volume['container_path']}"
+        args += ["-v", spec + (":ro" if volume.get("read_only") else "")]
+    if docker.get("network"):
+        args += ["--network", docker["network"]]
+    for port in docker.get("ports") or []:
+        mapping = f"{port['host_port']}:{port['container_port']}"
+        args += ["-p", mapping + (f"/{port['protocol']}" if port.get("protocol") else "")]
+    if docker.get("container_name"):
+        args += ["--name", docker["container_name"]]
+    args += [docker["image"], *(docker.get("args") or [])]
+    return {"command": "docker", "args": args, "env": environment}
+
+
+_ENTRIES = {"stdio": _stdio_entry, "http": _http_entry, "docker": _docker_entry}
+
+
+def mcp_entry(server: ServerConfig) -> dict[str, Any]:
+    """One ``mcpServers`` entry for a resolved server definition."""
+    kind = server_type(server)
+    return _ENTRIES[kind](server[kind])
+
+
+def mcp_config(servers: Sequence[ServerConfig]) -> dict[str, Any]:
+    return {"mcpServers": {server["name"]: mcp_entry(server) for server in servers}}
+
+
+def as_json(document: Any) -> bytes:
+    return (json.dumps(document, indent=2, sort_keys=True) + "\n").encode()
+
+
+def manifest(
+    execution_id: str,
+    tenant: str,
+    variables: Mapping[str, Variable],
+    servers: Sequence[ServerConfig],
+    expires_at: datetime | None,
+    contents: Mapping[str, bytes],
+) -> dict[str, Any]:
+    """Names, secret flags, server types, expiry and file hashes: never a value."""
+    return {
+        "execution_id": execution_id,
+        "tenant": tenant,
+        "expires_at": expires_at.isoformat() if expires_at else None,
+        "variables": {n: {"secret": v.is_secret} for n, v in sorted(variables.items())},
+        "mcp_servers": {
+            s["name"]: {"type": server_type(s), "enabled_tools": list(s.get("enabled_tools") or [])}
+            for s in servers
+        },
+        "files": {name: hashlib.sha256(data).hexdigest() for name, data in contents.items()},
+    }

@@ -1,0 +1,190 @@
+"""The output root and the execution directories in it: the broker's alone, memory-backed.
+
+- The root must be a real directory (no symlink) on tmpfs/ramfs (unless ``allow_disk``), owned
+  by the broker's uid and writable by nobody else; a root someone else prepared is refused.
+- Each execution directory is created by the broker (an existing one is refused, never
+  reused) and recognised afterwards by its device and inode, so a directory swapped in
+  behind the broker's back is detected instead of written into or wiped.
+- Files are 0400 in a 0700 directory. When the reader is another uid (the sidecar's runner),
+  that one uid gets read access through a POSIX ACL; the group gets nothing.
+- Every write is a temp file opened with ``O_EXCL|O_NOFOLLOW`` and renamed relative to the
+  directory's descriptor, so a planted symlink cannot redirect it.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import struct
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+
+from broker.errors import RenderError
+
+MEMORY_FILESYSTEMS = {"tmpfs", "ramfs"}
+DIR_MODE, FILE_MODE = 0o700, 0o400
+_ACL_XATTR = "system.posix_acl_access"
+_ACL_USER_OBJ, _ACL_USER, _ACL_GROUP_OBJ, _ACL_MASK, _ACL_OTHER = 0x01, 0x02, 0x04, 0x10, 0x20
+_ACL_UNDEFINED_ID = 0xFFFFFFFF
+
+
+def _mounts() -> list[tuple[str, str]]:
+    """(mount point, filesystem type) for every mount of this process's namespace."""
+    mounts = []
+    with open("/proc/self/mountinfo", encoding="utf-8") as handle:
+        for line in handle:
+            fields = line.split()
+            separator = fields.index("-")
+            point = fields[4].encode().decode("unicode_escape")
+            mounts.append((point, fields[separator + 1]))
+    return mounts
+
+
+def filesystem_type(path: Path) -> str:
+    """The filesystem type of the mount that holds ``path`` (longest mount-point prefix)."""
+    real = os.path.realpath(path)
+    best, kind = "", "unknown"
+    for point, fstype in _mounts():
+        inside = real == point or real.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, kind = point, fstype
+    return kind
+
+
+def is_memory_backed(path: Path) -> bool:
+    return filesystem_type(path) in MEMORY_FILESYSTEMS
+
+
+def default_out_dir() -> Path:
+    """``$XDG_RUNTIME_DIR/stigmer-broker`` when that is memory-backed, else under /dev/shm."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime and Path(runtime).is_dir() and is_memory_backed(Path(runtime)):
+        return Path(runtime) / "stigmer-broker"
+    return Path("/dev/shm") / f"stigmer-broker-{os.geteuid()}"  # noqa: S108 - owner-checked
+
+
+def _acl(mode_bits: int, reader_uid: int) -> bytes:
+    """A POSIX access ACL: owner ``mode_bits``, one named user, nothing for group or others."""
+    entries = [
+        (_ACL_USER_OBJ, mode_bits, _ACL_UNDEFINED_ID),
+        (_ACL_USER, mode_bits & 0o5, reader_uid),
+        (_ACL_GROUP_OBJ, 0, _ACL_UNDEFINED_ID),
+        (_ACL_MASK, mode_bits & 0o5, _ACL_UNDEFINED_ID),
+        (_ACL_OTHER, 0, _ACL_UNDEFINED_ID),
+    ]
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
+
+
+def grant_reader(fd: int, reader_uid: int | None, owner_bits: int) -> None:
+    """Let exactly ``reader_uid`` read (and enter) what ``fd`` names; no-op for the owner."""
+    if reader_uid is None or reader_uid == os.geteuid():
+        return
+    os.setxattr(fd, _ACL_XATTR, _acl(owner_bits, reader_uid))
+
+
+@contextmanager
+def open_directory(path: Path | str, dir_fd: int | None = None) -> Iterator[int]:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class ExecutionDirectory:
+    """A directory the broker created; ``identity`` is its (device, inode)."""
+
+    path: Path
+    identity: tuple[int, int]
+
+    @contextmanager
+    def open(self) -> Iterator[int]:
+        """Its descriptor, after checking it is still the directory the broker created."""
+        with open_directory(self.path) as fd:
+            status = os.fstat(fd)
+            if (status.st_dev, status.st_ino) != self.identity:
+                raise RenderError(f"{self.path}: replaced by another directory (tampering?)")
+            yield fd
+
+
+def write_atomic(dir_fd: int, name: str, data: bytes, reader_uid: int | None = None) -> None:
+    """Temp file + rename inside ``dir_fd``; never follows a symlink. The file ends 0400."""
+    temp = f".{name}.{os.getpid()}.tmp"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+    fd = os.open(temp, flags, FILE_MODE, dir_fd=dir_fd)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), FILE_MODE)  # exactly, whatever the umask
+            grant_reader(handle.fileno(), reader_uid, 0o4)
+            handle.write(data)
+        os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        with suppress(FileNotFoundError):
+            os.unlink(temp, dir_fd=dir_fd)
+        raise
+
+
+@dataclass(frozen=True)
+class OutputRoot:
+    """Where execution directories go. ``check()`` once at start, then ``create()`` each."""
+
+    path: Path
+    allow_disk: bool = False
+
+    def check(self) -> None:
+        """Create the root if missing; refuse one that is disk-backed or not the broker's."""
+        try:
+            self.path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+            status = os.lstat(self.path)
+        except OSError as exc:
+            raise RenderError(f"--out {self.path}: cannot create ({exc.strerror})") from None
+        if stat.S_ISLNK(status.st_mode) or not stat.S_ISDIR(status.st_mode):
+            raise RenderError(f"--out {self.path}: not a directory (a symlink is refused)")
+        if status.st_uid != os.geteuid():
+            raise RenderError(
+                f"--out {self.path}: owned by uid {status.st_uid}, not by the broker "
+                f"(uid {os.geteuid()}); someone else prepared it: use another directory"
+            )
+        if status.st_mode & 0o022:
+            raise RenderError(
+                f"--out {self.path}: writable by group or others "
+                f"(mode {stat.S_IMODE(status.st_mode):04o}); chmod go-w it or use another"
+            )
+        if not self.allow_disk and not is_memory_backed(self.path):
+            raise RenderError(
+                f"--out {self.path}: {filesystem_type(self.path)} is disk-backed; secrets go "
+                "only to tmpfs (use a memory-backed directory, or --allow-disk to override)"
+            )
+
+    def create(self, execution_id: str, reader_uid: int | None = None) -> ExecutionDirectory:
+        """A new 0700 directory for the execution (readable by ``reader_uid`` via an ACL)."""
+        directory = self.path / execution_id
+        try:
+            with open_directory(self.path) as root_fd:
+                os.mkdir(execution_id, DIR_MODE, dir_fd=root_fd)
+                with open_directory(execution_id, dir_fd=root_fd) as fd:
+                    os.fchmod(fd, DIR_MODE)  # exactly, whatever the umask
+                    grant_reader(fd, reader_uid, 0o5)
+                    status = os.fstat(fd)
+        except FileExistsError:
+            raise RenderError(f"{directory}: already exists (is the execution running?)") from None
+        except OSError as exc:
+            raise RenderError(f"{directory}: cannot create ({exc.strerror})") from None
+        return ExecutionDirectory(directory, (status.st_dev, status.st_ino))
+
+    def supports_acl(self) -> bool:
+        """Whether the root's filesystem stores POSIX ACLs (probed on a scratch file)."""
+        probe = f".acl-probe.{os.getpid()}"
+        with open_directory(self.path) as root_fd:
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=root_fd)
+            try:
+                grant_reader(fd, os.geteuid() + 1, 0o4)
+            except OSError:
+                return False
+            finally:
+                os.close(fd)
+                os.unlink(probe, dir_fd=root_fd)
+        return True

@@ -1,0 +1,247 @@
+"""The sidecar's executions: who asked for each, its state, its TTL timer, and how it ended.
+
+The work itself (claim, lease, decrypt, render, end) is the execution core's; this module adds
+what a long-lived process needs around it: one record per execution id, idempotent requests per
+caller, an end at TTL, noticing leases revoked from outside, and forgetting. When an execution
+ends its plaintext is dropped at once; only a value-free summary stays, for a bounded time and
+count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from broker import logs, names
+from broker.errors import (
+    BrokerError,
+    ClaimConflict,
+    ExecutionGone,
+    ExecutionUnknown,
+    VaultError,
+)
+from broker.execution.cleanup import Cleanup
+from broker.execution.core import Execution, ExecutionCore
+from broker.protocol import Ended, ExecutionAnswer
+from broker.resolve import mask, resolve_document
+from broker.sidecar.metrics import Metrics
+
+EXPIRY_MARGIN = 2.0  # end this long before the deadline, while the lease can still clean up
+
+
+class State(StrEnum):
+    PREPARING = "preparing"
+    ACTIVE = "active"
+    ENDING = "ending"
+    ENDED = "ended"
+    FAILED = "failed"
+
+
+@dataclass(eq=False)
+class Record:
+    id: str
+    owner_uid: int
+    tenant: str
+    state: State = State.PREPARING
+    execution: Execution | None = None  # holds plaintext; None once ended
+    expires_at: datetime | None = None
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    timer: asyncio.TimerHandle | None = None
+    ended: Ended | None = None
+    ended_at: float = 0.0
+
+    def answer(self) -> ExecutionAnswer:
+        expires = self.expires_at.isoformat().replace("+00:00", "Z") if self.expires_at else None
+        execution = self.execution
+        live = execution is not None and self.state is State.ACTIVE
+        return ExecutionAnswer(
+            id=self.id,
+            state=str(self.state),
+            tenant=self.tenant,
+            expires_at=expires,
+            files=execution.files if live and execution else None,
+            variables=mask(execution.variables) if live and execution else None,
+            ended=self.ended,
+        )
+
+
+@dataclass(frozen=True)
+class Retention:
+    """How many ended executions' summaries are kept, and for how long."""
+
+    count: int = 1000
+    seconds: float = 3600.0
+
+
+class Registry:
+    def __init__(self, core: ExecutionCore, metrics: Metrics, retention: Retention) -> None:
+        self._core = core
+        self._metrics = metrics
+        self._retention = retention
+        self._active: dict[str, Record] = {}
+        self._ended: OrderedDict[str, Record] = OrderedDict()
+
+    @property
+    def tenant(self) -> str:
+        return self._core.settings.tenant
+
+    def active(self) -> list[Record]:
+        return list(self._active.values())
+
+    def records(self) -> list[Record]:
+        self._forget_old()
+        return [*self._ended.values(), *self._active.values()]
+
+    def get(self, execution_id: str) -> Record:
+        names.execution_id(execution_id)
+        self._forget_old()
+        record = self._active.get(execution_id) or self._ended.get(execution_id)
+        if record is None:
+            raise ExecutionUnknown(execution_id, "not known to this sidecar")
+        return record
+
+    def _forget_old(self) -> None:
+        cutoff = time.monotonic() - self._retention.seconds
+        while self._ended and (
+            len(self._ended) > self._retention.count
+            or next(iter(self._ended.values())).ended_at < cutoff
+        ):
+            self._ended.popitem(last=False)
+
+    # --- prepare ------------------------------------------------------------------------------
+
+    async def prepare(self, execution_id: str, uid: int) -> tuple[bool, Record]:
+        """Prepare for caller ``uid``; (created, record). Repeating it is idempotent."""
+        names.execution_id(execution_id)
+        if execution_id in self._ended:
+            raise ExecutionGone(execution_id, "has ended here; its context is destroyed")
+        existing = self._active.get(execution_id)
+        if existing is not None:
+            return False, await self._existing(existing, uid)
+        record = Record(execution_id, uid, self.tenant)
+        self._active[execution_id] = record
+        started = time.perf_counter()
+        # Its own task: a caller that goes away does not stop a preparation halfway.
+        task = asyncio.ensure_future(self._prepare(record, uid))
+        task.add_done_callback(lambda done: self._prepared(record, started, done))
+        await asyncio.shield(task)
+        return True, record
+
+    async def _existing(self, record: Record, uid: int) -> Record:
+        if record.owner_uid != uid:
+            self._refused(record.id, uid, "held by another local caller")
+        await record.ready.wait()
+        if record.state is not State.ACTIVE:
+            raise ExecutionGone(record.id, f"is {record.state}")
+        return record
+
+    async def _prepare(self, record: Record, uid: int) -> None:
+        execution = await self._core.prepare(record.id, reader_uid=uid)
+        record.execution, record.expires_at = execution, execution.expires_at
+        record.state = State.ACTIVE
+        if execution.expires_at is not None:
+            left = (execution.expires_at - datetime.now(UTC)).total_seconds()
+            record.timer = asyncio.get_running_loop().call_later(
+                max(left - EXPIRY_MARGIN, 0.5),
+                lambda: asyncio.ensure_future(self.end(record.id, "expired")),
+            )
+
+    def _prepared(self, record: Record, started: float, task: asyncio.Future[None]) -> None:
+        record.ready.set()
+        error = None if task.cancelled() else task.exception()
+        if task.cancelled() or error is not None:
+            self._active.pop(record.id, None)
+            name = "CancelledError" if error is None else type(error).__name__
+            self._metrics.errors.labels(name).inc()
+            if isinstance(error, ClaimConflict):
+                self._metrics.claim_conflicts.inc()
+            return
+        self._metrics.prepare_seconds.observe(time.perf_counter() - started)
+        self._metrics.started.inc()
+        self._metrics.active.inc()
+
+    def _refused(self, execution_id: str, uid: int, why: str) -> None:
+        logs.security(
+            "security: execution request refused", "caller-refused",
+            execution_id=execution_id, peer_uid=uid, reason=why,
+        )  # fmt: skip
+        raise ClaimConflict(execution_id, "is held by another caller")
+
+    # --- use ----------------------------------------------------------------------------------
+
+    def resolve(self, execution_id: str, uid: int, document: Any) -> Any:
+        record = self.get(execution_id)
+        if record.owner_uid != uid:
+            self._refused(execution_id, uid, "resolve by another local caller")
+        if record.state is not State.ACTIVE or record.execution is None:
+            raise ExecutionGone(execution_id, f"is {record.state}")
+        return resolve_document(document, record.execution.variables)
+
+    # --- end ----------------------------------------------------------------------------------
+
+    async def end(self, execution_id: str, reason: str, uid: int | None = None) -> Record:
+        """End it (shielded from cancellation): wipe, destroy, release, revoke."""
+        record = self.get(execution_id)
+        if uid is not None and record.owner_uid != uid:
+            self._refused(execution_id, uid, "end requested by another local caller")
+        await record.ready.wait()
+        await self._finish(record, reason, lease_gone=False)
+        return record
+
+    async def fail(self, record: Record, why: str) -> None:
+        """The lease is gone from under us: clean up with the login token instead."""
+        await self._finish(record, why, lease_gone=True)
+
+    async def _finish(self, record: Record, reason: str, lease_gone: bool) -> None:
+        async with record.lock:
+            if record.state is not State.ACTIVE or record.execution is None:
+                return
+            record.state = State.ENDING
+            if record.timer is not None:
+                record.timer.cancel()
+            if lease_gone:
+                await self._core.keeper.verify()  # the login may be gone too: log in again
+            cleanup = await asyncio.shield(self._core.end(record.execution, lease_gone))
+            self._ended_as(record, cleanup, reason, State.FAILED if lease_gone else State.ENDED)
+
+    def _ended_as(self, record: Record, cleanup: Cleanup, reason: str, state: State) -> None:
+        record.execution, record.state = None, state
+        record.ended = Ended(reason=reason, **cleanup.as_json())
+        record.ended_at = time.monotonic()
+        self._active.pop(record.id, None)
+        self._ended[record.id] = record
+        self._forget_old()
+        self._metrics.ended.labels("failed" if state is State.FAILED else reason).inc()
+        self._metrics.active.dec()
+
+    async def watch_leases(self, interval: float) -> None:
+        """Notice leases revoked from outside; fail their executions and wipe their files."""
+        while True:
+            await asyncio.sleep(interval)
+            for record in [r for r in self.active() if r.state is State.ACTIVE]:
+                execution = record.execution
+                if execution is None:
+                    continue
+                try:
+                    alive = await self._core.lease_alive(execution)
+                except VaultError as exc:
+                    logs.event("lease check failed", execution_id=record.id, error=str(exc))
+                    continue
+                if not alive:
+                    logs.security("lease revoked from outside", "lease-revoked",
+                                  execution_id=record.id)  # fmt: skip
+                    await self.fail(record, "lease revoked")
+
+    async def end_all(self, reason: str) -> None:
+        results = await asyncio.gather(
+            *(self.end(r.id, reason) for r in self.active()), return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, BrokerError):
+                logs.event("ending an execution failed", level=40, error=str(result))

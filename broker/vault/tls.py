@@ -1,0 +1,46 @@
+"""The TLS context for Vault, built from the same settings the Vault CLI reads.
+
+``VAULT_CACERT`` (a PEM bundle) and ``VAULT_CAPATH`` (a directory of CA certificates) replace the
+system trust store, as they do for the Vault CLI; ``VAULT_CLIENT_CERT``/``VAULT_CLIENT_KEY``
+present a client certificate; ``VAULT_SKIP_VERIFY`` turns verification off (never in
+production). ``VAULT_TLS_SERVER_NAME`` is applied by the transport (SNI and hostname check).
+"""
+
+from __future__ import annotations
+
+import ssl
+
+from broker.config import VaultSettings
+from broker.errors import ConfigError
+
+
+def ssl_context(settings: VaultSettings) -> ssl.SSLContext | None:
+    """The context for https addresses; None when no address uses https."""
+    if not any(a.startswith("https://") for a in settings.addresses):
+        return None
+    custom_ca = bool(settings.cacert or settings.capath)
+    try:
+        context = (
+            ssl.create_default_context(
+                cafile=settings.cacert or None, capath=settings.capath or None
+            )
+            if custom_ca
+            else ssl.create_default_context()
+        )
+        if settings.client_cert:
+            context.load_cert_chain(settings.client_cert, settings.client_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"TLS settings: cannot load the CA or client certificate ({_why(exc)})",
+            hint="check VAULT_CACERT, VAULT_CAPATH, VAULT_CLIENT_CERT and VAULT_CLIENT_KEY",
+        ) from None
+    if settings.skip_verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def _why(error: Exception) -> str:
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.strerror}: {error.filename}" if error.filename else error.strerror
+    return type(error).__name__

@@ -1,0 +1,230 @@
+"""HTTP/1.1 to Vault on asyncio streams, parsed by h11, with a keep-alive pool per event loop.
+
+Why not aiohttp or requests: a cold ``stigmer-broker run`` must start in the time OpenBao Agent
+does, and those clients alone cost hundreds of milliseconds to import on our machines; h11 is a
+small, well-kept sans-IO HTTP/1.1 parser. This module knows nothing of Vault: it sends one
+request and reports what happened, including whether the request could have reached the server
+(``sent``), which the retry policy needs for requests that mint tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+import time
+import weakref
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import h11
+
+IDLE_TIMEOUT = 15.0  # seconds a pooled connection may sit unused (well under Vault's own)
+MAX_IDLE_PER_ORIGIN = 32
+READ_SIZE = 65536
+
+
+@dataclass(frozen=True)
+class Response:
+    status: int
+    headers: Mapping[str, str]  # lower-case names
+    body: bytes
+
+
+class TransportError(Exception):
+    """A request got no usable answer. ``sent`` is False only when it surely never left."""
+
+    def __init__(self, detail: str, sent: bool) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.sent = sent
+
+
+class ConnectFailed(TransportError):
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail, sent=False)
+
+
+class TLSFailed(TransportError):
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail, sent=False)
+
+
+class TimedOut(TransportError):
+    pass
+
+
+class Dropped(TransportError):
+    """The connection closed or broke before the whole answer arrived."""
+
+
+class TooLarge(TransportError):
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"answer larger than {limit} bytes", sent=True)
+
+
+@dataclass(frozen=True)
+class Origin:
+    scheme: str
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, address: str) -> Origin:
+        parts = urlsplit(address)
+        default = 443 if parts.scheme == "https" else 80
+        return cls(parts.scheme, parts.hostname or "", parts.port or default)
+
+    @property
+    def authority(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+class _Connection:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.protocol = h11.Connection(h11.CLIENT)
+        self.idle_since = time.monotonic()
+
+    def reusable(self) -> bool:
+        states = (self.protocol.our_state, self.protocol.their_state)
+        return states == (h11.DONE, h11.DONE) and not self.writer.is_closing()
+
+    def close(self) -> None:
+        self.writer.close()
+
+    async def exchange(
+        self, request: h11.Request, body: bytes, max_body: int
+    ) -> tuple[int, dict[str, str], bytes]:
+        out = self.protocol.send(request) or b""
+        if body:
+            out += self.protocol.send(h11.Data(data=body)) or b""
+        out += self.protocol.send(h11.EndOfMessage()) or b""
+        self.writer.write(out)
+        await self.writer.drain()
+        status, headers, chunks, size = 0, {}, [], 0
+        while True:
+            event = self.protocol.next_event()
+            if event is h11.NEED_DATA:
+                self.protocol.receive_data(await self.reader.read(READ_SIZE))
+            elif isinstance(event, h11.Response):
+                status = event.status_code
+                headers = {k.decode().lower(): v.decode("latin-1") for k, v in event.headers}
+            elif isinstance(event, h11.Data):
+                size += len(event.data)
+                if size > max_body:
+                    raise TooLarge(max_body)
+                chunks.append(bytes(event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                if self.reusable():
+                    self.protocol.start_next_cycle()
+                return status, headers, b"".join(chunks)
+            elif isinstance(event, h11.ConnectionClosed):
+                raise Dropped("connection closed before the answer", sent=True)
+
+
+class Transport:
+    """Sends requests over pooled keep-alive connections; one pool per event loop."""
+
+    def __init__(
+        self, ssl_context: ssl.SSLContext | None = None, server_hostname: str = ""
+    ) -> None:
+        self._ssl = ssl_context
+        self._server_hostname = server_hostname
+        self._pools: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, dict[Origin, list[_Connection]]
+        ] = weakref.WeakKeyDictionary()
+
+    def _pool(self, origin: Origin) -> list[_Connection]:
+        pools = self._pools.setdefault(asyncio.get_running_loop(), {})
+        return pools.setdefault(origin, [])
+
+    async def _connect(self, origin: Origin) -> _Connection:
+        context = self._ssl if origin.scheme == "https" else None
+        if origin.scheme == "https" and context is None:
+            context = ssl.create_default_context()
+        hostname = (self._server_hostname or origin.host) if context else None
+        try:
+            reader, writer = await asyncio.open_connection(
+                origin.host, origin.port, ssl=context, server_hostname=hostname
+            )
+        except ssl.SSLError as exc:
+            raise TLSFailed(_ssl_detail(exc)) from None
+        except OSError as exc:
+            raise ConnectFailed(exc.strerror or type(exc).__name__) from None
+        return _Connection(reader, writer)
+
+    def _checkout(self, origin: Origin) -> _Connection | None:
+        pool = self._pool(origin)
+        while pool:
+            connection = pool.pop()
+            if time.monotonic() - connection.idle_since < IDLE_TIMEOUT and connection.reusable():
+                return connection
+            connection.close()
+        return None
+
+    def _checkin(self, origin: Origin, connection: _Connection) -> None:
+        pool = self._pool(origin)
+        if connection.reusable() and len(pool) < MAX_IDLE_PER_ORIGIN:
+            connection.idle_since = time.monotonic()
+            pool.append(connection)
+        else:
+            connection.close()
+
+    async def request(
+        self,
+        origin: Origin,
+        method: str,
+        target: str,
+        headers: Sequence[tuple[str, str]],
+        body: bytes,
+        timeout: float,
+        max_body: int,
+    ) -> Response:
+        """One request; raises a TransportError subclass when there is no usable answer."""
+        request = h11.Request(
+            method=method,
+            target=target,
+            headers=[("Host", origin.authority), ("Content-Length", str(len(body))), *headers],
+        )
+        connection: _Connection | None = None
+        connected = False
+        try:
+            async with asyncio.timeout(timeout):
+                connection = self._checkout(origin) or await self._connect(origin)
+                connected = True
+                status, answer_headers, data = await connection.exchange(request, body, max_body)
+        except TimeoutError:
+            _discard(connection)
+            raise TimedOut("no complete answer in time", sent=connected) from None
+        except TransportError:
+            _discard(connection)
+            raise
+        except (OSError, h11.ProtocolError, asyncio.IncompleteReadError) as exc:
+            _discard(connection)
+            raise Dropped(f"connection broke ({type(exc).__name__})", sent=True) from None
+        self._checkin(origin, connection)
+        return Response(status, answer_headers, data)
+
+    async def aclose(self) -> None:
+        """Close this loop's idle connections."""
+        pools = self._pools.pop(asyncio.get_running_loop(), {})
+        writers = [c.writer for pool in pools.values() for c in pool]
+        for writer in writers:
+            writer.close()
+        for writer in writers:
+            with contextlib.suppress(OSError, ssl.SSLError):
+                await writer.wait_closed()
+
+
+def _discard(connection: _Connection | None) -> None:
+    if connection is not None:
+        connection.close()
+
+
+def _ssl_detail(error: ssl.SSLError) -> str:
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return f"certificate not trusted or wrong name ({error.verify_message})"
+    return f"TLS error ({error.reason or type(error).__name__})"

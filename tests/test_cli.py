@@ -1,0 +1,125 @@
+"""CLI conventions: --version, help with defaults and an example, completion, a closed stdout,
+one exit code per error class, hints printed."""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import inspect
+import os
+import subprocess
+import sys
+
+import pytest
+
+from broker import __version__, errors
+from broker.cli import EXIT_CODES, build_parser, exit_code
+
+
+def commands(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    found = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                leaves = commands(sub, (*path, name))
+                found += leaves or [(*path, name)]
+    return found
+
+
+def broker(*args: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "broker.cli", *args], capture_output=True, text=True, timeout=60,
+        check=False, **kwargs,  # type: ignore[call-overload]
+    )  # fmt: skip
+
+
+def test_version() -> None:
+    result = broker("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"stigmer-broker {__version__}"
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("path", commands(build_parser()), ids=" ".join)
+def test_every_command_has_an_example_and_shows_its_defaults(
+    path: tuple[str, ...], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as done:
+        build_parser().parse_args([*path, "--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    assert "example:\n  stigmer-broker " in text
+    parser = build_parser()
+    for name in path:
+        action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parser = action.choices[name]
+    for action in parser._actions:
+        shown = action.help and action.help != argparse.SUPPRESS
+        if action.default not in (None, False, [], argparse.SUPPRESS) and shown:
+            assert f"(default: {action.default})" in " ".join(text.split()), action.dest
+
+
+@pytest.mark.unit
+def test_every_reporting_command_speaks_json() -> None:
+    quiet = {("dev", "token"), ("completion",), ("run",), ("sidecar",)}  # a token, a script, …
+    for path in commands(build_parser()):
+        if path in quiet:
+            continue
+        parser = build_parser()
+        for name in path:
+            action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+            parser = action.choices[name]
+        output = next(a for a in parser._actions if a.dest == "output")
+        assert "json" in (output.choices or []), path
+
+
+@pytest.mark.parametrize("shell", ["bash", "zsh"])
+def test_completion_scripts(shell: str) -> None:
+    result = broker("completion", shell)
+    assert result.returncode == 0
+    assert "stigmer-broker" in result.stdout and "execution" in result.stdout
+    if shell == "bash":
+        check = subprocess.run(["bash", "-n"], input=result.stdout, text=True, check=False)
+        assert check.returncode == 0
+
+
+def test_a_closed_stdout_ends_quietly() -> None:
+    """`stigmer-broker … | head -c 10`: the reader leaves early; no traceback, exit 0."""
+    read_end, write_end = os.pipe()
+    fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 4096)  # smaller than the script: EPIPE follows
+    writer = subprocess.Popen(
+        [sys.executable, "-m", "broker.cli", "completion", "bash"],
+        stdout=write_end, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    os.close(write_end)
+    assert os.read(read_end, 10)
+    os.close(read_end)  # the reader leaves
+    _, stderr = writer.communicate(timeout=30)
+    assert writer.returncode == 0, stderr
+    assert b"Traceback" not in stderr and b"BrokenPipe" not in stderr
+
+
+@pytest.mark.unit
+def test_every_error_class_has_an_exit_code() -> None:
+    classes = [c for c in vars(errors).values() if inspect.isclass(c)
+               and issubclass(c, errors.BrokerError)]  # fmt: skip
+    mapped = {cls for cls, _ in EXIT_CODES}
+    for cls in classes:
+        assert any(issubclass(cls, m) for m in mapped), cls
+    vault = errors.VaultUnavailable("read", "p", errors.Fault.SEALED, 503)
+    assert exit_code(vault) == 3  # unreachable, sealed, 5xx: the Vault code
+    assert exit_code(errors.IdentityError("login failed", "wrong audience")) == 4
+    assert exit_code(errors.PermissionDenied("read", "p", errors.Fault.FORBIDDEN, 403)) == 8
+    tls = errors.VaultConfigError("read", "p", errors.Fault.TLS, "bad ca", "set VAULT_CACERT")
+    assert exit_code(tls) == 2 and tls.hint == "set VAULT_CACERT"
+    assert exit_code(errors.ClaimConflict("x", "held")) == 9
+
+
+def test_the_hint_is_printed(tmp_path: object) -> None:
+    environ = {"PATH": "/usr/bin:/bin"}
+    result = broker("env", "list", "--tenant", "acme", env=environ)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "stigmer-broker: error: VAULT_ADDR (or BAO_ADDR) is not set",
+        "stigmer-broker: hint: `source .vault-dev/env` after `dev up`, or export the address "
+        "of your Vault",
+    ]
