@@ -234,7 +234,7 @@ async def approle_secret_id(args: argparse.Namespace) -> int:
 
 
 def _setup_flags(p: argparse.ArgumentParser) -> None:
-    from broker.dev.identity import DEFAULT_AUDIENCE, DEFAULT_ISSUER
+    from broker.dev import DEFAULT_AUDIENCE, DEFAULT_ISSUER
 
     p.add_argument("--tenant", action="append", help="create the tenant's Transit key")
     p.add_argument(

@@ -12,7 +12,7 @@ from typing import Any
 
 from broker import names, policies
 from broker.config import Layout
-from broker.dev.identity import DEFAULT_AUDIENCE, DEFAULT_ISSUER, SERVICE_ACCOUNT
+from broker.dev import DEFAULT_AUDIENCE, DEFAULT_ISSUER, SERVICE_ACCOUNT
 from broker.errors import ConfigError, NotFound
 from broker.policies import IdentitySources
 from broker.vault import Transit, VaultClient

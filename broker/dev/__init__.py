@@ -6,3 +6,6 @@ Nothing here runs in production paths except ``datafiles``, which finds the ship
 
 DEFAULT_STATE_DIR = ".vault-dev"
 IDENTITY_KEY = "identity.pem"
+DEFAULT_ISSUER = "https://kubernetes.default.svc.cluster.local"
+DEFAULT_AUDIENCE = "vault"
+SERVICE_ACCOUNT = "stigmer-runner"

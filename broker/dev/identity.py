@@ -16,11 +16,10 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from broker.dev import DEFAULT_AUDIENCE, DEFAULT_ISSUER, SERVICE_ACCOUNT
 from broker.errors import ConfigError
 
-DEFAULT_ISSUER = "https://kubernetes.default.svc.cluster.local"
-DEFAULT_AUDIENCE = "vault"
-SERVICE_ACCOUNT = "stigmer-runner"
+__all__ = ["DEFAULT_AUDIENCE", "DEFAULT_ISSUER", "SERVICE_ACCOUNT", "create_key", "mint_token"]
 
 
 def create_key(path: Path) -> None:
