@@ -195,6 +195,17 @@ def _resolve_field(sub: _Substitution, value: Any, where: str, exposure: str, al
     return value
 
 
+def environment_names(variables: Iterable[str], servers: Iterable[ServerConfig]) -> dict[str, str]:
+    """Every name that becomes a process's environment variable — the execution's variables
+    and the env keys of stdio and docker servers — with where it appears (for errors)."""
+    found = {name: "" for name in variables}
+    for server in servers:
+        for kind in ("stdio", "docker"):
+            for key in (server.get(kind) or {}).get("env_placeholders") or {}:
+                found.setdefault(key, f"mcp server {server.get('name')}: {kind}.env_placeholders.")
+    return found
+
+
 def server_type(server: ServerConfig) -> str:
     """Which of stdio, http and docker the server is ('' if none)."""
     return next((kind for kind in SERVER_TYPES if server.get(kind) is not None), "")

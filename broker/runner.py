@@ -22,6 +22,7 @@ from broker.execution.cleanup import Cleanup
 from broker.execution.core import CoreSettings, Execution, ExecutionCore, LeaseMode
 from broker.execution.credentials import Credentials, login
 from broker.execution.keeper import TokenKeeper
+from broker.limits import CONTEXTS, Limits
 from broker.render.outdir import OutputRoot
 from broker.vault import Login, VaultClient
 
@@ -37,6 +38,7 @@ class RunSettings:
     login_timeout: float = 30.0
     deadline: float = 60.0
     kill_after: float = 10.0
+    context_limits: Limits = CONTEXTS
 
 
 def exit_status(returncode: int) -> int:
@@ -118,6 +120,7 @@ def _core(client: VaultClient, layout: Layout, settings: RunSettings) -> Executi
         allow_secret_in_args=settings.allow_secret_in_args,
         child_policies=None,  # a given token's child keeps the parent's policies
         deadline=settings.deadline,
+        context_limits=settings.context_limits,
     )
     return ExecutionCore(client, layout, keeper, core_settings)
 

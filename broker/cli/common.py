@@ -89,6 +89,15 @@ def parse_duration(text: str) -> timedelta:
     return timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
 
 
+def parse_size(text: str) -> int:
+    """``1048576``, ``512K``, ``8M``, ``1G`` (powers of 1024)."""
+    match = re.fullmatch(r"(\d+)([KMG]?)i?B?", text.strip(), re.ASCII | re.IGNORECASE)
+    if not match:
+        raise ConfigError(f"size {text!r}: use e.g. 512K, 8M or 1G")
+    power = " KMG".index(match.group(2).upper() or " ")
+    return int(match.group(1)) << (10 * power)
+
+
 def seconds(text: str) -> float:
     return parse_duration(text).total_seconds()
 

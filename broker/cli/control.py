@@ -163,6 +163,7 @@ async def execution_create(args: argparse.Namespace) -> int:
             ttl=parse_duration(args.ttl),
             execution_id=args.id,
             allow_secret_in_args=args.allow_secret_in_args,
+            allowed_env_names=args.allow_env_name or (),
         )
     emit(issued.as_json(), args.output, issued.execution_id)
     return 0
@@ -246,8 +247,18 @@ def _register_execution(commands: Group) -> None:
     p.add_argument("--runtime-env", action="append", metavar="[secret:]K=V")
     p.add_argument("--ttl", default="1h", help="lifetime of the context (at most 7d)")
     p.add_argument("--id", help="execution id (default: generated)")
-    p.add_argument("--allow-secret-in-args", action="store_true")
-    add_output(p)
+    p.add_argument(
+        "--allow-secret-in-args",
+        action="store_true",
+        help="let secrets reach argv and URLs (recorded in the context)",
+    )
+    p.add_argument(
+        "--allow-env-name",
+        action="append",
+        metavar="NAME",
+        help="let a refused variable name (PATH, LD_*, …) through for this execution",
+    )
+    add_output(p)  # fmt: skip
     p = command(execution, "show", execution_show, "show an execution context (secrets masked)",
                 "stigmer-broker execution show exec-123 --tenant acme")  # fmt: skip
     p.add_argument("id")

@@ -4,14 +4,23 @@ from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from broker.cli.common import Group, add_tenant, command, seconds, vault_client
+from broker.cli.common import (
+    Group,
+    add_tenant,
+    command,
+    parse_size,
+    seconds,
+    vault_client,
+)
 from broker.errors import ConfigError
 
 if TYPE_CHECKING:
     from broker.execution.credentials import Credentials
+    from broker.limits import Limits
 
 
 def _credentials(args: argparse.Namespace) -> Credentials:
@@ -24,6 +33,12 @@ def _credentials(args: argparse.Namespace) -> Credentials:
         role_id_file=Path(args.role_id_file) if args.role_id_file else None,
         secret_id_file=Path(args.secret_id_file) if args.secret_id_file else None,
     )
+
+
+def _context_limits(args: argparse.Namespace) -> Limits:
+    from broker.limits import CONTEXTS
+
+    return replace(CONTEXTS, max_bytes=parse_size(args.max_context_size))
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -46,6 +61,7 @@ async def run(args: argparse.Namespace) -> int:
         login_max_ttl=seconds(args.login_max_ttl),
         deadline=seconds(args.deadline),
         kill_after=seconds(args.kill_after),
+        context_limits=_context_limits(args),
     )
     client = vault_client(need_token=args.auth == "token")
     try:
@@ -84,6 +100,8 @@ async def sidecar(args: argparse.Namespace) -> int:
         login_max_ttl=seconds(args.login_max_ttl),
         deadline=seconds(args.deadline),
         retention=Retention(args.keep_ended, seconds(args.keep_ended_for)),
+        share_executions=args.share_executions,
+        context_limits=_context_limits(args),
     )
     try:
         return await serve(client, Layout.from_env(), settings)
@@ -118,8 +136,14 @@ def _runner_flags(parser: argparse.ArgumentParser, methods: list[str]) -> None:
         default="2h",
         help="the runner role's token_max_ttl: no execution may outlive it",
     )
-    p.add_argument("--deadline", default="60s",
-                   help="time allowed to prepare one execution, retries included")  # fmt: skip
+    p.add_argument(
+        "--deadline", default="60s", help="time allowed to prepare one execution, retries included"
+    )
+    p.add_argument(
+        "--max-context-size",
+        default="8M",
+        help="a larger ExecutionContext is refused before anything is decrypted",
+    )
 
 
 RUNNER_COMMANDS = ("run", "sidecar")  # their default log level is info, the others' warning
@@ -184,4 +208,7 @@ def register(commands: Group) -> None:
         default=1000,
         help="how many ended executions' summaries GET /v1/executions keeps",
     )
-    p.add_argument("--keep-ended-for", default="1h", help="…and for how long")  # fmt: skip
+    p.add_argument("--keep-ended-for", default="1h", help="…and for how long")
+    p.add_argument("--share-executions", action="store_true",
+                   help="every allowed caller may see and end every execution (default: a caller "
+                   "sees those it prepared)")  # fmt: skip

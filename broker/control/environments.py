@@ -97,5 +97,12 @@ class EnvironmentStore:
         return sorted(k for k in keys if not k.endswith("/"))
 
     async def delete(self, tenant: str, name: str) -> None:
-        await self.get(tenant, names.environment_name(name))  # a clear error when absent
-        await self._kv.destroy(self._layout.environment_path(tenant, name))
+        """Destroy every version; works whatever the stored document holds."""
+        path = self._layout.environment_path(tenant, names.environment_name(name))
+        try:
+            await self._kv.read_metadata(path)
+        except NotFound:
+            raise ValidationError(
+                f"Environment {name}", [f"not found in tenant {tenant}"]
+            ) from None
+        await self._kv.destroy(path)

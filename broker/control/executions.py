@@ -29,7 +29,15 @@ from broker.model import (
     parse_resource,
     to_document,
 )
-from broker.resolve import Entry, Layer, Variable, mask, merge, resolve_servers
+from broker.resolve import (
+    Entry,
+    Layer,
+    Variable,
+    environment_names,
+    mask,
+    merge,
+    resolve_servers,
+)
 from broker.vault import KV, Transit, VaultClient
 
 MAX_TTL = timedelta(days=7)
@@ -137,6 +145,7 @@ def _context(
     servers: Sequence[dict[str, Any]],
     expires_at: datetime,
     allow_secret_in_args: bool,
+    allowed_env_names: Sequence[str],
 ) -> ExecutionContext:
     return parse_resource(
         {
@@ -153,6 +162,7 @@ def _context(
                 "mcp_servers": list(servers),
                 "expires_at": expires_at.isoformat(),
                 "allow_secret_in_args": allow_secret_in_args,
+                "allowed_env_names": list(allowed_env_names),
             },
         },
         ExecutionContext,
@@ -216,8 +226,13 @@ class ExecutionIssuer:
         ttl: timedelta = timedelta(hours=1),
         execution_id: str | None = None,
         allow_secret_in_args: bool = False,
+        allowed_env_names: Sequence[str] = (),
     ) -> IssuedContext:
-        """Resolve the execution's environment and write its context; refuse before writing."""
+        """Resolve the execution's environment and write its context; refuse before writing.
+
+        Variable names that change how the runner's programs start (``names.refused_variable``)
+        are refused unless listed in ``allowed_env_names``; the allowance is recorded.
+        """
         names.tenant(tenant)
         execution_id = (
             names.execution_id(execution_id) if execution_id else names.new_execution_id()
@@ -229,11 +244,14 @@ class ExecutionIssuer:
         servers = template.spec.mcp_servers if isinstance(template, Agent) else []
         configs = [s.model_dump(mode="json") for s in servers]
         resolve_servers(configs, merged, allow_secret_in_args)  # fail closed before any write
+        allowed = sorted(set(allowed_env_names))
+        refused = names.refused_variables(environment_names(merged, configs), set(allowed))
+        if refused:
+            raise ValidationError("execution", refused)
         merged = await self._seal(tenant, merged)
         expires_at = _expiry(ttl)
-        context = _context(
-            execution_id, tenant, template, merged, configs, expires_at, allow_secret_in_args
-        )
+        context = _context(execution_id, tenant, template, merged, configs, expires_at,
+                           allow_secret_in_args, allowed)  # fmt: skip
         path = self._layout.context_path(tenant, execution_id)
         await self._write(path, context, ttl)
         return IssuedContext(
@@ -281,7 +299,7 @@ class ExecutionIssuer:
             document, _ = await self._kv.read_resource(path)
         except NotFound:
             raise ContextNotFound(execution_id, tenant) from None
-        shown = to_document(parse_resource(document, ExecutionContext))
+        shown = to_document(parse_resource(document, ExecutionContext, stored=True))
         for entry in shown["spec"].get("data", {}).values():
             if entry.get("is_secret"):
                 entry["value"] = MASK

@@ -18,4 +18,4 @@ async def load_stored(kv: KV, path: str, cls: type[T], label: str, missing: str)
         document, _ = await kv.read_resource(path)
     except NotFound:
         raise ValidationError(label, [missing]) from None
-    return parse_resource(document, cls)
+    return parse_resource(document, cls, stored=True)

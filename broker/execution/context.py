@@ -15,10 +15,9 @@ from typing import Any
 
 from broker import names
 from broker.errors import ContextExpired, ContextNotFound, NotFound, ValidationError
-from broker.resolve import SERVER_TYPES, ServerConfig
+from broker.limits import CONTEXTS, Limits
+from broker.resolve import SERVER_TYPES, ServerConfig, environment_names
 from broker.vault import KV
-
-MAX_CONTEXT_BYTES = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -35,6 +34,7 @@ class StoredContext:
     data: dict[str, StoredValue]
     mcp_servers: list[ServerConfig]
     allow_secret_in_args: bool = False
+    allowed_env_names: frozenset[str] = frozenset()
 
     def remaining(self) -> float:
         """Seconds until expiry (an hour when the context has none)."""
@@ -88,6 +88,15 @@ def _expiry(text: Any, problems: list[str]) -> datetime | None:
     return expires if expires.tzinfo else expires.replace(tzinfo=UTC)
 
 
+def _allowed(names_: Any, problems: list[str]) -> frozenset[str]:
+    if not isinstance(names_, list) or not all(
+        names.matches(names.VARIABLE_NAME, n) for n in names_
+    ):
+        problems.append("spec.allowed_env_names: must be a list of variable names")
+        return frozenset()
+    return frozenset(names_)
+
+
 def decode(document: dict[str, Any], execution_id: str, tenant: str) -> StoredContext:
     """Check a stored context document and keep what the runner uses."""
     spec = document.get("spec")
@@ -105,16 +114,21 @@ def decode(document: dict[str, Any], execution_id: str, tenant: str) -> StoredCo
         data=_values(spec.get("data", {}), problems),
         mcp_servers=_servers(spec.get("mcp_servers", []), problems),
         allow_secret_in_args=spec.get("allow_secret_in_args") is True,
+        allowed_env_names=_allowed(spec.get("allowed_env_names", []), problems),
     )
+    found = environment_names(context.data, context.mcp_servers)
+    problems += names.refused_variables(found, context.allowed_env_names)
     if problems:
         raise ValidationError(f"execution {execution_id}", problems)
     return context
 
 
-async def read(kv: KV, path: str, execution_id: str, tenant: str) -> StoredContext:
-    """The context at ``path``, checked; refused if missing, oversized or expired."""
+async def read(
+    kv: KV, path: str, execution_id: str, tenant: str, limits: Limits = CONTEXTS
+) -> StoredContext:
+    """The context at ``path``, checked; refused if missing, beyond ``limits`` or expired."""
     try:
-        document, _ = await kv.read_resource(path, max_bytes=MAX_CONTEXT_BYTES)
+        document, _ = await kv.read_resource(path, limits)
     except NotFound:
         raise ContextNotFound(execution_id, tenant) from None
     context = decode(document, execution_id, tenant)

@@ -26,6 +26,7 @@ from broker.execution import claims
 from broker.execution import context as contexts
 from broker.execution.cleanup import Cleanup
 from broker.execution.keeper import HeldToken, TokenKeeper
+from broker.limits import CONTEXTS, Limits
 from broker.logs import REDACTOR, Registration
 from broker.protocol import FilePaths, runner_variables
 from broker.render.files import contents, render
@@ -61,6 +62,7 @@ class CoreSettings:
     allow_secret_in_args: bool = False
     child_policies: tuple[str, ...] | None = ("stigmer-runner",)  # None: the parent's
     deadline: float = 60.0  # seconds for one whole preparation
+    context_limits: Limits = CONTEXTS  # a larger context is refused before decrypting
 
 
 @dataclass(eq=False)
@@ -115,7 +117,9 @@ class ExecutionCore:
                 raise BrokerError("not logged in to Vault")
             path = self._layout.context_path(self.settings.tenant, execution_id)
             kv = KV(held.client, self._layout.kv_mount)
-            context = await contexts.read(kv, path, execution_id, self.settings.tenant)
+            context = await contexts.read(
+                kv, path, execution_id, self.settings.tenant, self.settings.context_limits
+            )
             lease = await self._lease(context)
             try:
                 return await self._claim_and_deliver(context, lease, reader_uid)

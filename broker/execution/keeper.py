@@ -51,6 +51,10 @@ class HeldToken:
             return self.retry_at
         return self.renewed + (self.expires - self.renewed) * RENEW_AT
 
+    def margin(self) -> float:
+        """How long before its max TTL a login is replaced: a third of its TTL, at most 60 s."""
+        return min(max(self.login.ttl, 1) / 3, 60.0)
+
 
 class TokenKeeper:
     def __init__(
@@ -134,6 +138,15 @@ class TokenKeeper:
     def held(self) -> list[HeldToken]:
         return [*self._retired, *([self.current] if self.current else [])]
 
+    def _end_of_life(self, token: HeldToken) -> float:
+        """When the current login must be replaced: a margin before its max TTL."""
+        return token.issued + self.max_ttl - token.margin()
+
+    def _due(self, token: HeldToken) -> float:
+        if token is self.current and self._login is not None:
+            return min(token.due(), self._end_of_life(token))
+        return token.due()
+
     async def run(self) -> None:
         """Renew every held token when due, forever (cancel the task to stop)."""
         while True:
@@ -142,8 +155,8 @@ class TokenKeeper:
             if not renewable:
                 await self._changed.wait()
                 continue
-            token = min(renewable, key=HeldToken.due)
-            pause = token.due() - time.monotonic()
+            token = min(renewable, key=self._due)
+            pause = self._due(token) - time.monotonic()
             if pause > 0:
                 try:
                     await asyncio.wait_for(self._changed.wait(), pause)
@@ -153,6 +166,10 @@ class TokenKeeper:
             await self._renew(token)
 
     async def _renew(self, token: HeldToken) -> None:
+        if token is self.current and time.monotonic() >= self._end_of_life(token):
+            logs.event("token near its max TTL: logging in again", accessor=token.accessor)
+            await self._relogin_quietly(token)
+            return
         try:
             ttl = await renew_self(token.client)
         except PermissionDenied:
@@ -171,8 +188,10 @@ class TokenKeeper:
             return
         self._observe("renewal", "ok")
         now = time.monotonic()
-        extended = now + ttl > token.expires + 1
-        token.renewed, token.expires, token.failures, token.retry_at = now, now + ttl, 0, None
+        expires = min(now + ttl, token.issued + self.max_ttl)  # it cannot outlive its max TTL
+        extended = expires > token.expires + 1
+        logs.event("token renewed", level=10, accessor=token.accessor, ttl=ttl, extended=extended)
+        token.renewed, token.expires, token.failures, token.retry_at = now, expires, 0, None
         if not extended and token is self.current and self._login is not None:
             logs.event("token reached its max TTL: logging in again", accessor=token.accessor)
             await self._relogin_quietly(token)
@@ -220,6 +239,9 @@ class TokenKeeper:
             return True
         try:
             await revoke_self(token.client)
+        except PermissionDenied:  # Vault no longer knows it (expired or revoked): it is gone
+            logs.event("login already gone", accessor=token.accessor)
+            return True
         except VaultError as exc:
             self._observe("revocation", "failed")
             logs.event("login revoke failed", level=40, accessor=token.accessor, error=str(exc))

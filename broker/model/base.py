@@ -8,13 +8,23 @@ from collections.abc import Mapping
 from typing import Annotated, Any, ClassVar, Literal
 
 import pydantic
-from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 
 from broker import names
 
 API_VERSION = "agentic.stigmer.ai/v1"
-MAX_VALUE_BYTES = 64 * 1024
+MAX_VALUE_BYTES = 64 * 1024  # what a user may give
+# What may come back from storage: Transit ciphertext of a MAX_VALUE_BYTES value is longer
+# ("vault:vN:" + base64 of nonce, value and tag), and a stored Environment must stay readable.
+MAX_STORED_VALUE_BYTES = 96 * 1024
 
 REF_VERSION = re.compile(r"^$|^latest$|^[a-zA-Z0-9._-]+$|^[a-f0-9]{64}$")
 
@@ -70,14 +80,19 @@ def _check_variable_name(name: str) -> str:
     return name
 
 
-def _check_value_size(value: str) -> str:
-    if len(value.encode("utf-8")) > MAX_VALUE_BYTES:
-        raise ValueError(f"value is larger than {MAX_VALUE_BYTES} bytes")
+def _check_value(value: str, info: ValidationInfo) -> str:
+    """No NUL (no env file or process environment can hold one) and a bounded size."""
+    if "\0" in value:
+        raise ValueError("value contains a NUL byte, which no environment can hold")
+    stored = bool(info.context and info.context.get("stored"))
+    limit = MAX_STORED_VALUE_BYTES if stored else MAX_VALUE_BYTES
+    if len(value.encode("utf-8")) > limit:
+        raise ValueError(f"value is larger than {limit} bytes")
     return value
 
 
 VariableName = Annotated[str, AfterValidator(_check_variable_name)]
-Value = Annotated[str, AfterValidator(_check_value_size)]
+Value = Annotated[str, AfterValidator(_check_value)]
 
 
 class ProtoModel(pydantic.BaseModel):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -11,6 +10,7 @@ import pydantic
 import yaml
 
 from broker.errors import ValidationError
+from broker.limits import FILES, Limits, check_size, check_tree, parse_json
 from broker.model.base import Resource
 from broker.model.environment import Environment
 from broker.model.executions import AgentExecution, ExecutionContext, WorkflowExecution
@@ -81,12 +81,16 @@ def format_errors(error: pydantic.ValidationError) -> list[str]:
 
 
 def parse_resource(
-    document: Any, expected: type[T] | tuple[type[Resource], ...] | None = None
+    document: Any,
+    expected: type[T] | tuple[type[Resource], ...] | None = None,
+    stored: bool = False,
 ) -> T:
-    """Validate one resource document (already parsed from YAML/JSON)."""
+    """Validate one resource document (already parsed from YAML/JSON). ``stored``: it comes
+    back from Vault, so secret values are ciphertext (longer than what a user may give)."""
     if not isinstance(document, Mapping):
         raise ValidationError("resource", ["(document): must be a mapping"])
     label = _describe(document)
+    check_tree(document, FILES, label)
     kind = document.get("kind")
     cls = RESOURCE_TYPES.get(kind) if isinstance(kind, str) else None
     if cls is None:
@@ -95,10 +99,10 @@ def parse_resource(
         )
     allowed = (expected,) if isinstance(expected, type) else expected
     if allowed and cls not in allowed:
-        names = " or ".join(c.__name__ for c in allowed)
-        raise ValidationError(label, [f"kind: expected {names}, got {kind}"])
+        wanted = " or ".join(c.__name__ for c in allowed)
+        raise ValidationError(label, [f"kind: expected {wanted}, got {kind}"])
     try:
-        return cls.model_validate(document)  # type: ignore[return-value]
+        return cls.model_validate(document, context={"stored": stored})  # type: ignore[return-value]
     except pydantic.ValidationError as exc:
         raise ValidationError(label, format_errors(exc)) from None
 
@@ -110,22 +114,38 @@ def to_document(resource: Resource) -> dict[str, Any]:
     return {key: dumped[key] for key in order if key in dumped}
 
 
-def load_documents(path: Path) -> list[Any]:
-    """Read every document from a YAML (multi-document) or JSON file."""
+def _read_limited(path: Path, limits: Limits) -> str:
+    """The file's text, never reading more than the limit allows (a FIFO or /dev/zero too)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as handle:
+            data = handle.read(limits.max_bytes + 1)
     except OSError as exc:
         raise ValidationError(str(path), [f"cannot read file: {exc.strerror}"]) from None
+    check_size(len(data), limits, str(path))
     try:
-        if path.suffix == ".json":
-            loaded = json.loads(text)
-            return loaded if isinstance(loaded, list) else [loaded]
-        return [doc for doc in yaml.safe_load_all(text) if doc is not None]
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValidationError(str(path), ["not UTF-8 text"]) from None
+
+
+def load_documents(path: Path, limits: Limits = FILES) -> list[Any]:
+    """Read every document from a YAML (multi-document) or JSON file, within ``limits``."""
+    text = _read_limited(path, limits)
+    if path.suffix == ".json":
+        loaded = parse_json(text, limits, str(path))
+        return loaded if isinstance(loaded, list) else [loaded]
+    try:
+        documents = [doc for doc in yaml.safe_load_all(text) if doc is not None]
+    except RecursionError:
+        raise ValidationError(
+            str(path), [f"nested deeper than {limits.max_depth} levels"]
+        ) from None
+    except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark is not None else getattr(exc, "lineno", None)
-        where = f" at line {line}" if line else ""
+        where = f" at line {mark.line + 1}" if mark is not None else ""
         raise ValidationError(str(path), [f"not valid YAML/JSON{where}"]) from None
+    check_tree(documents, limits, str(path))
+    return documents
 
 
 def load_resource(path: Path, expected: type[T] | tuple[type[Resource], ...] | None = None) -> T:

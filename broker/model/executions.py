@@ -75,6 +75,7 @@ class ExecutionContextSpec(ProtoModel):
     mcp_servers: McpServers = Field(default_factory=list)
     expires_at: datetime | None = None
     allow_secret_in_args: bool = False
+    allowed_env_names: list[VariableName] = Field(default_factory=list)
     template: str = ""
 
 

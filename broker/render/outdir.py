@@ -21,6 +21,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
+from broker import logs
 from broker.errors import RenderError
 
 MEMORY_FILESYSTEMS = {"tmpfs", "ramfs"}
@@ -106,6 +107,8 @@ class ExecutionDirectory:
         with open_directory(self.path) as fd:
             status = os.fstat(fd)
             if (status.st_dev, status.st_ino) != self.identity:
+                logs.security("security: execution directory replaced", "tampering",
+                              directory=str(self.path))  # fmt: skip
                 raise RenderError(f"{self.path}: replaced by another directory (tampering?)")
             yield fd
 

@@ -7,13 +7,12 @@ resolved, for runners that build their own configs. Errors are problem details (
 
 from __future__ import annotations
 
-import json
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
-from broker import logs
 from broker.errors import (
     BrokerError,
     ClaimConflict,
@@ -31,6 +30,7 @@ from broker.errors import (
     ValidationError,
     VaultUnavailable,
 )
+from broker.limits import REQUESTS, parse_json
 from broker.protocol import Problem
 from broker.sidecar.metrics import Metrics
 from broker.sidecar.peers import peer_uid
@@ -39,6 +39,7 @@ from broker.sidecar.registry import Registry
 PEER_UID = web.RequestKey("peer_uid", int)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Readiness = Callable[[], bool]
+BODY_TIMEOUT = 10.0  # seconds to receive a request body
 STATUS: list[tuple[type[BrokerError], int]] = [  # most specific first
     (ClaimConflict, 409),
     (ExecutionGone, 410),
@@ -71,17 +72,14 @@ def problem(status: int, detail: str, error: BrokerError | None = None) -> web.R
     return web.json_response(body.to_json(), status=status, content_type="application/problem+json")
 
 
-def build_app(
-    registry: Registry, metrics: Metrics, allowed_uids: set[int], ready: Readiness
-) -> web.Application:
-    """The API; ``allowed_uids`` is read on every connection (filled in once the socket exists)."""
+def build_app(registry: Registry, metrics: Metrics, ready: Readiness) -> web.Application:
+    """The API. Peers are checked before this sees a request (``gate``); here each request
+    learns its caller's uid, which decides what it may see."""
 
     @web.middleware
-    async def peer_check(request: web.Request, handler: Handler) -> web.StreamResponse:
+    async def caller(request: web.Request, handler: Handler) -> web.StreamResponse:
         uid = peer_uid(request.transport.get_extra_info("socket") if request.transport else None)
-        if uid is None or uid not in allowed_uids:
-            metrics.denied_peers.inc()
-            logs.security("security: socket peer refused", "peer-refused", peer_uid=uid)
+        if uid is None:
             return problem(403, "peer not allowed")
         request[PEER_UID] = uid
         try:
@@ -95,17 +93,20 @@ def build_app(
         return web.json_response(record.answer().to_json(), status=201 if created else 200)
 
     async def get_execution(request: web.Request) -> web.Response:
-        return web.json_response(registry.get(request.match_info["id"]).answer().to_json())
+        record = registry.get(request.match_info["id"], request[PEER_UID])
+        return web.json_response(record.answer().to_json())
 
     async def list_executions(request: web.Request) -> web.Response:
-        items = [{"id": r.id, "state": str(r.state)} for r in registry.records()]
+        items = [{"id": r.id, "state": str(r.state)} for r in registry.records(request[PEER_UID])]
         return web.json_response({"executions": items})
 
     async def resolve(request: web.Request) -> web.Response:
         try:
-            document: Any = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
-            return problem(400, "the body must be a JSON document")
+            async with asyncio.timeout(BODY_TIMEOUT):
+                body = await request.read()
+        except TimeoutError:
+            return problem(408, "the request body did not arrive in time")
+        document: Any = parse_json(body, REQUESTS, "the request body")
         uid = request[PEER_UID]
         return web.json_response(registry.resolve(request.match_info["id"], uid, document))
 
@@ -113,7 +114,7 @@ def build_app(
         record = await registry.end(request.match_info["id"], "deleted", request[PEER_UID])
         return web.json_response(record.answer().to_json())
 
-    app = web.Application(middlewares=[peer_check], client_max_size=8 * 1024 * 1024)
+    app = web.Application(middlewares=[caller], client_max_size=REQUESTS.max_bytes)
     app.router.add_put("/v1/executions/{id}", put_execution)
     app.router.add_get("/v1/executions/{id}", get_execution)
     app.router.add_get("/v1/executions", list_executions)

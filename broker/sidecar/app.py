@@ -1,7 +1,8 @@
 """Wires the sidecar: startup → serve → shutdown, each step with its own deadline.
 
-Startup: check the output root, log in (bounded by the startup timeout; nothing is rendered
-before it succeeds), open the socket (0660, peer uids checked) and the metrics port, serve.
+Startup: check the output root (the broker's own, with ACL support for other callers), log in
+(bounded by the startup timeout; nothing is rendered before it succeeds), open the socket
+(0660; peers refused at ``accept``, see ``gate``) and the metrics port, serve.
 Background work (token renewal, the lease watch) runs beside it; if one of those crashes, the
 sidecar shuts down and exits non-zero. Shutdown on SIGTERM/SIGINT: stop accepting, end every
 active execution (shielded), revoke the logins, exit 0. A second signal exits at once.
@@ -25,8 +26,10 @@ from broker.errors import ConfigError
 from broker.execution.core import CoreSettings, ExecutionCore, LeaseMode
 from broker.execution.credentials import Credentials, login
 from broker.execution.keeper import TokenKeeper
+from broker.limits import CONTEXTS, Limits
 from broker.render.outdir import OutputRoot
 from broker.sidecar.api import build_app, build_metrics_app
+from broker.sidecar.gate import PeerGate
 from broker.sidecar.metrics import Metrics
 from broker.sidecar.peers import default_allowed_uids
 from broker.sidecar.registry import Registry, Retention
@@ -49,6 +52,10 @@ class SidecarSettings:
     login_max_ttl: float = 2 * 3600
     deadline: float = 60.0
     retention: Retention = field(default_factory=Retention)
+    share_executions: bool = False
+    header_timeout: float = 10.0  # a connection that sends no complete request is closed
+    max_connections_per_uid: int = 64
+    context_limits: Limits = CONTEXTS
 
 
 def _core(
@@ -66,24 +73,21 @@ def _core(
         pod=settings.pod,
         allow_secret_in_args=settings.allow_secret_in_args,
         deadline=settings.deadline,
+        context_limits=settings.context_limits,
     )
     return ExecutionCore(client, layout, keeper, core_settings)
 
 
-async def _open_socket(runner: web.AppRunner, path: Path) -> web.UnixSite:
-    if path.exists() or path.is_symlink():
-        if not path.is_socket():
-            raise ConfigError(f"--socket {path}: exists and is not a socket")
-        path.unlink()  # a stale socket from a previous run
-    path.parent.mkdir(parents=True, exist_ok=True)
-    previous = os.umask(0o117)  # the socket is born 0660: no window where others can connect
-    try:
-        site = web.UnixSite(runner, str(path))
-        await site.start()
-    finally:
-        os.umask(previous)
-    os.chmod(path, 0o660)
-    return site
+def _check_output(settings: SidecarSettings) -> None:
+    """The output root is the broker's; callers of another uid need ACLs on it."""
+    settings.out.check()
+    others = [uid for uid in settings.allow_uids if uid != os.geteuid()]
+    if (others or not settings.allow_uids) and not settings.out.supports_acl():
+        raise ConfigError(
+            f"--out {settings.out.path}: the filesystem does not store POSIX ACLs, so files "
+            "cannot be given to one caller only",
+            hint="use a tmpfs with ACL support (Kubernetes emptyDir with medium: Memory)",
+        )
 
 
 async def _start_metrics(address: str, app: web.Application) -> web.AppRunner | None:
@@ -126,18 +130,23 @@ def _watch(tasks: list[asyncio.Task[None]], stop: asyncio.Event, crashed: list[s
 async def serve(client: VaultClient, layout: Layout, settings: SidecarSettings) -> int:
     metrics = Metrics()
     core = _core(client, layout, settings, metrics)
-    settings.out.check()
+    _check_output(settings)
     await core.keeper.start(settings.startup_timeout)
-    registry = Registry(core, metrics, settings.retention)
+    registry = Registry(core, metrics, settings.retention, settings.share_executions)
 
     def ready() -> bool:
         token = core.keeper.current
         return token is not None and token.expires > time.monotonic()
 
     allowed: set[int] = set(settings.allow_uids)
-    app_runner = web.AppRunner(build_app(registry, metrics, allowed, ready), access_log=None)
+    app_runner = web.AppRunner(
+        build_app(registry, metrics, ready), access_log=None,
+        keepalive_timeout=settings.header_timeout,
+    )  # fmt: skip
     await app_runner.setup()
-    site = await _open_socket(app_runner, settings.socket)
+    assert app_runner.server is not None
+    gate = PeerGate(app_runner.server, allowed, metrics, settings.max_connections_per_uid)
+    gate.listen(settings.socket)
     if not settings.allow_uids:
         allowed |= default_allowed_uids(settings.socket.stat().st_gid)
     metrics_runner = await _start_metrics(
@@ -154,7 +163,7 @@ async def serve(client: VaultClient, layout: Layout, settings: SidecarSettings) 
     logs.event("sidecar ready", socket=str(settings.socket), tenant=settings.tenant,
                allowed_uids=sorted(allowed), metrics=settings.metrics_addr or None)  # fmt: skip
     await stop.wait()
-    await _shutdown(site, registry, background, core, settings)
+    await _shutdown(gate, registry, background, core, settings)
     for runner in (app_runner, metrics_runner):
         if runner is not None:
             await runner.cleanup()
@@ -162,14 +171,14 @@ async def serve(client: VaultClient, layout: Layout, settings: SidecarSettings) 
 
 
 async def _shutdown(
-    site: web.UnixSite,
+    gate: PeerGate,
     registry: Registry,
     background: list[asyncio.Task[None]],
     core: ExecutionCore,
     settings: SidecarSettings,
 ) -> None:
     started = time.monotonic()
-    await site.stop()  # stop accepting
+    await gate.close()  # stop accepting
     try:
         await asyncio.wait_for(registry.end_all("shutdown"), settings.shutdown_timeout)
     except TimeoutError:

@@ -10,12 +10,13 @@ count.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, NoReturn
 
 from broker import logs, names
 from broker.errors import (
@@ -80,10 +81,16 @@ class Retention:
 
 
 class Registry:
-    def __init__(self, core: ExecutionCore, metrics: Metrics, retention: Retention) -> None:
+    """A caller sees and ends the executions it prepared and those the broker's own uid
+    prepared; the broker's own uid sees all. ``shared``: every admitted caller sees all."""
+
+    def __init__(
+        self, core: ExecutionCore, metrics: Metrics, retention: Retention, shared: bool = False
+    ) -> None:
         self._core = core
         self._metrics = metrics
         self._retention = retention
+        self._shared = shared
         self._active: dict[str, Record] = {}
         self._ended: OrderedDict[str, Record] = OrderedDict()
 
@@ -94,15 +101,27 @@ class Registry:
     def active(self) -> list[Record]:
         return list(self._active.values())
 
-    def records(self) -> list[Record]:
-        self._forget_old()
-        return [*self._ended.values(), *self._active.values()]
+    def _visible(self, record: Record, uid: int | None) -> bool:
+        own = os.geteuid()
+        return (
+            uid is None
+            or self._shared
+            or uid in (record.owner_uid, own)
+            or (record.owner_uid == own)
+        )
 
-    def get(self, execution_id: str) -> Record:
+    def records(self, uid: int | None = None) -> list[Record]:
+        """Active executions and kept summaries that ``uid`` may see."""
+        self._forget_old()
+        every = [*self._ended.values(), *self._active.values()]
+        return [record for record in every if self._visible(record, uid)]
+
+    def get(self, execution_id: str, uid: int | None = None) -> Record:
+        """The record, if ``uid`` may see it (another caller's execution looks unknown)."""
         names.execution_id(execution_id)
         self._forget_old()
         record = self._active.get(execution_id) or self._ended.get(execution_id)
-        if record is None:
+        if record is None or not self._visible(record, uid):
             raise ExecutionUnknown(execution_id, "not known to this sidecar")
         return record
 
@@ -166,7 +185,7 @@ class Registry:
         self._metrics.started.inc()
         self._metrics.active.inc()
 
-    def _refused(self, execution_id: str, uid: int, why: str) -> None:
+    def _refused(self, execution_id: str, uid: int, why: str) -> NoReturn:
         logs.security(
             "security: execution request refused", "caller-refused",
             execution_id=execution_id, peer_uid=uid, reason=why,
@@ -176,7 +195,8 @@ class Registry:
     # --- use ----------------------------------------------------------------------------------
 
     def resolve(self, execution_id: str, uid: int, document: Any) -> Any:
-        record = self.get(execution_id)
+        """Only the caller that prepared it may resolve against its values, whatever ``shared``."""
+        record = self.get(execution_id, uid)
         if record.owner_uid != uid:
             self._refused(execution_id, uid, "resolve by another local caller")
         if record.state is not State.ACTIVE or record.execution is None:
@@ -187,9 +207,7 @@ class Registry:
 
     async def end(self, execution_id: str, reason: str, uid: int | None = None) -> Record:
         """End it (shielded from cancellation): wipe, destroy, release, revoke."""
-        record = self.get(execution_id)
-        if uid is not None and record.owner_uid != uid:
-            self._refused(execution_id, uid, "end requested by another local caller")
+        record = self.get(execution_id, uid)
         await record.ready.wait()
         await self._finish(record, reason, lease_gone=False)
         return record

@@ -12,7 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from broker.errors import Fault, NotFound, VaultError
+from broker.errors import Fault, NotFound, ValidationError, VaultError
+from broker.limits import FILES, Limits, parse_json
 from broker.vault.client import VaultClient
 
 FORMAT = "stigmer-broker/v1"
@@ -103,22 +104,15 @@ class KV:
         text = json.dumps(resource, separators=(",", ":"), sort_keys=True)
         return await self.write(path, {"format": FORMAT, "resource": text}, cas=cas)
 
-    async def read_resource(
-        self, path: str, max_bytes: int | None = None
-    ) -> tuple[dict[str, Any], int]:
-        """The resource document stored at ``path`` and its version; a document longer than
-        ``max_bytes`` is refused before it is parsed."""
+    async def read_resource(self, path: str, limits: Limits = FILES) -> tuple[dict[str, Any], int]:
+        """The resource document stored at ``path`` and its version; a document beyond
+        ``limits`` is refused (a ValidationError) before it is used."""
         document = await self.read(path)
         text = document.data.get("resource")
         if document.data.get("format") != FORMAT or not isinstance(text, str):
             raise VaultError("read", self._data(path), Fault.BAD_ANSWER, detail=f"not {FORMAT}")
-        if max_bytes is not None and len(text) > max_bytes:
-            detail = f"document larger than {max_bytes} bytes"
-            raise VaultError("read", self._data(path), Fault.BAD_ANSWER, detail=detail)
-        try:
-            resource = json.loads(text)
-        except (ValueError, RecursionError):
-            resource = None
+        what = f"{self.mount}/data/{path}"
+        resource = parse_json(text, limits, what)
         if not isinstance(resource, dict):
-            raise VaultError("read", self._data(path), Fault.BAD_ANSWER, detail="corrupt document")
+            raise ValidationError(what, ["corrupt document (not a JSON object)"])
         return resource, document.version

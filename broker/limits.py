@@ -1,0 +1,69 @@
+"""Limits on every document the broker reads: size, nesting depth and number of items.
+
+Resource files, KV documents, socket request bodies and Vault answers are all checked before
+they are used, so a hostile or broken document gets a clear error instead of a
+``RecursionError`` traceback, a stalled process or a 500. Counting is iterative and stops at
+the limit, so a YAML alias bomb costs no more than a document at the limit.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from broker.errors import ValidationError
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_bytes: int = 8 * MiB
+    max_depth: int = 64
+    max_items: int = 200_000  # containers, keys and scalars together
+
+
+FILES = Limits(max_bytes=16 * MiB)
+CONTEXTS = Limits(max_bytes=8 * MiB)
+REQUESTS = Limits(max_bytes=1 * MiB, max_items=50_000)
+
+
+def check_size(length: int, limits: Limits, what: str) -> None:
+    if length > limits.max_bytes:
+        raise ValidationError(what, [f"larger than {limits.max_bytes} bytes"])
+
+
+def check_tree(document: Any, limits: Limits, what: str) -> None:
+    """Refuse a parsed document nested deeper or holding more items than ``limits`` allow."""
+    stack: list[tuple[Any, int]] = [(document, 1)]
+    items = 0
+    while stack:
+        node, depth = stack.pop()
+        items += 1
+        if items > limits.max_items:
+            raise ValidationError(what, [f"more than {limits.max_items} items"])
+        if isinstance(node, Mapping):
+            children: Any = [*node.keys(), *node.values()]
+        elif isinstance(node, list | tuple):
+            children = node
+        else:
+            continue
+        if depth >= limits.max_depth and children:
+            raise ValidationError(what, [f"nested deeper than {limits.max_depth} levels"])
+        stack.extend((child, depth + 1) for child in children)
+
+
+def parse_json(text: str | bytes, limits: Limits, what: str) -> Any:
+    """``json.loads`` within ``limits``; malformed or oversized input is a ValidationError."""
+    check_size(len(text), limits, what)
+    try:
+        document = json.loads(text)
+    except RecursionError:
+        raise ValidationError(what, [f"nested deeper than {limits.max_depth} levels"]) from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        where = f" at line {exc.lineno}" if isinstance(exc, json.JSONDecodeError) else ""
+        raise ValidationError(what, [f"not valid JSON{where}"]) from None
+    check_tree(document, limits, what)
+    return document
