@@ -165,3 +165,76 @@ async def accessor_alive(admin: VaultClient, accessor: str) -> bool:
     from broker.vault import lookup_accessor
 
     return await lookup_accessor(admin, accessor) is not None
+
+
+# --- other uids: the broker is not root in production, and root hides permission bugs ------
+
+SHARED_GID = 10000  # the pod's shared group (deploy/kubernetes)
+BROKER_UID, RUNNER_UID, OTHER_UID = 10002, 10001, 10003
+
+
+def nonroot_python() -> str:
+    """An interpreter another uid can run with this project's packages.
+
+    The test venv's interpreter may live under a directory only root can enter (pyenv in
+    /root); the distribution's python3.11 has the same ABI and reads the venv's packages.
+    """
+    import sysconfig
+
+    for candidate in ("/usr/bin/python3.11", "/usr/local/bin/python3.11", sys.executable):
+        script = f"exec {candidate} -c 'import broker.cli, aiohttp.web, pydantic'"
+        probe = subprocess.run(  # exec'd by a process of the other uid, as `run` will
+            [*as_uid(65534, 65534, ()), "/bin/sh", "-c", script],
+            env=nonroot_environ({}), capture_output=True, timeout=60, check=False,
+        )  # fmt: skip
+        if probe.returncode == 0:
+            return candidate
+    paths = sysconfig.get_paths()
+    raise AssertionError(
+        f"no Python 3.11 that uid 65534 can run with {paths['purelib']}: install the "
+        "distribution's python3.11 (apt-get install python3.11), or make the interpreter "
+        "readable by other users"
+    )
+
+
+def nonroot_environ(base: dict[str, str]) -> dict[str, str]:
+    """``base`` plus the paths another uid's interpreter needs to import the broker."""
+    import sysconfig
+
+    project = str(Path(__file__).resolve().parents[1])
+    paths = sysconfig.get_paths()
+    return {
+        **base,
+        "PYTHONPATH": os.pathsep.join(dict.fromkeys([project, paths["purelib"], paths["platlib"]])),
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }
+
+
+def as_uid(uid: int, gid: int = SHARED_GID, groups: tuple[int, ...] = (SHARED_GID,)) -> list[str]:
+    """The command prefix that runs what follows as ``uid`` (setpriv, no capabilities)."""
+    group_flag = f"--groups={','.join(map(str, groups))}" if groups else "--clear-groups"
+    return ["setpriv", f"--reuid={uid}", f"--regid={gid}", group_flag, "--"]
+
+
+@pytest.fixture(scope="session")
+def python_for_users() -> str:
+    return nonroot_python()
+
+
+@pytest.fixture
+def user_dir(tmp_path: Path) -> Iterator[Path]:
+    """A directory on /dev/shm other uids can enter (0711, root's), for their own dirs."""
+    path = Path(tempfile.mkdtemp(prefix="stigmer-users-", dir="/dev/shm"))
+    path.chmod(0o711)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def owned_dir(parent: Path, name: str, uid: int, mode: int = 0o700) -> Path:
+    path = parent / name
+    path.mkdir()
+    os.chown(path, uid, SHARED_GID)
+    path.chmod(mode)
+    return path

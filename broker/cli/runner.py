@@ -88,7 +88,7 @@ async def sidecar(args: argparse.Namespace) -> int:
     settings = SidecarSettings(
         tenant=names.tenant(args.tenant),
         socket=Path(args.socket),
-        out=OutputRoot(Path(args.out), args.allow_disk),
+        out=OutputRoot(Path(args.out), args.allow_disk, mode=0o711),  # callers may traverse it
         credentials=_credentials(args),
         metrics_addr=args.metrics_addr,
         allow_uids=tuple(args.allow_uid or ()),

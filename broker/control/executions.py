@@ -166,6 +166,7 @@ def _context(
             },
         },
         ExecutionContext,
+        stored=True,  # secret values are already ciphertext
     )
 
 

@@ -38,12 +38,17 @@ _HINTS = {
 
 
 def _describe(document: Mapping[str, Any]) -> str:
+    """``Kind name`` for error messages; a name that is not printable is quoted (one line)."""
     kind = document.get("kind", "resource")
     metadata = document.get("metadata")
     name = ""
     if isinstance(metadata, Mapping):
         name = str(metadata.get("name") or metadata.get("slug") or metadata.get("id") or "")
-    return f"{kind} {name}".strip() if isinstance(kind, str) else "resource"
+    if not name.isprintable():
+        name = repr(name)
+    if not isinstance(kind, str) or not kind.isprintable():
+        return "resource"
+    return f"{kind} {name}".strip()
 
 
 def _location(loc: tuple[int | str, ...]) -> str:

@@ -66,23 +66,26 @@ def default_out_dir() -> Path:
     return Path("/dev/shm") / f"stigmer-broker-{os.geteuid()}"  # noqa: S108 - owner-checked
 
 
-def _acl(mode_bits: int, reader_uid: int) -> bytes:
-    """A POSIX access ACL: owner ``mode_bits``, one named user, nothing for group or others."""
+def _acl(owner_bits: int, reader_bits: int, reader_uid: int) -> bytes:
+    """A POSIX access ACL: the owner keeps ``owner_bits``, one named user gets
+    ``reader_bits``, the group and others nothing."""
     entries = [
-        (_ACL_USER_OBJ, mode_bits, _ACL_UNDEFINED_ID),
-        (_ACL_USER, mode_bits & 0o5, reader_uid),
+        (_ACL_USER_OBJ, owner_bits, _ACL_UNDEFINED_ID),
+        (_ACL_USER, reader_bits, reader_uid),
         (_ACL_GROUP_OBJ, 0, _ACL_UNDEFINED_ID),
-        (_ACL_MASK, mode_bits & 0o5, _ACL_UNDEFINED_ID),
+        (_ACL_MASK, reader_bits, _ACL_UNDEFINED_ID),
         (_ACL_OTHER, 0, _ACL_UNDEFINED_ID),
     ]
     return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
 
 
-def grant_reader(fd: int, reader_uid: int | None, owner_bits: int) -> None:
-    """Let exactly ``reader_uid`` read (and enter) what ``fd`` names; no-op for the owner."""
+def grant_reader(fd: int, reader_uid: int | None, directory: bool) -> None:
+    """Let exactly ``reader_uid`` read (and, for a directory, enter) what ``fd`` names; the
+    owner keeps its mode (0700 directories, 0400 files). No-op for the owner itself."""
     if reader_uid is None or reader_uid == os.geteuid():
         return
-    os.setxattr(fd, _ACL_XATTR, _acl(owner_bits, reader_uid))
+    owner, reader = (0o7, 0o5) if directory else (0o4, 0o4)
+    os.setxattr(fd, _ACL_XATTR, _acl(owner, reader, reader_uid))
 
 
 @contextmanager
@@ -121,7 +124,7 @@ def write_atomic(dir_fd: int, name: str, data: bytes, reader_uid: int | None = N
     try:
         with os.fdopen(fd, "wb") as handle:
             os.fchmod(handle.fileno(), FILE_MODE)  # exactly, whatever the umask
-            grant_reader(handle.fileno(), reader_uid, 0o4)
+            grant_reader(handle.fileno(), reader_uid, directory=False)
             handle.write(data)
         os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except BaseException:
@@ -136,11 +139,12 @@ class OutputRoot:
 
     path: Path
     allow_disk: bool = False
+    mode: int = DIR_MODE  # 0711 when callers of other uids must reach their directories
 
     def check(self) -> None:
         """Create the root if missing; refuse one that is disk-backed or not the broker's."""
         try:
-            self.path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+            self.path.mkdir(mode=self.mode, parents=True, exist_ok=True)
             status = os.lstat(self.path)
         except OSError as exc:
             raise RenderError(f"--out {self.path}: cannot create ({exc.strerror})") from None
@@ -161,6 +165,7 @@ class OutputRoot:
                 f"--out {self.path}: {filesystem_type(self.path)} is disk-backed; secrets go "
                 "only to tmpfs (use a memory-backed directory, or --allow-disk to override)"
             )
+        os.chmod(self.path, self.mode)  # ours: exactly the mode this front end needs
 
     def create(self, execution_id: str, reader_uid: int | None = None) -> ExecutionDirectory:
         """A new 0700 directory for the execution (readable by ``reader_uid`` via an ACL)."""
@@ -170,7 +175,7 @@ class OutputRoot:
                 os.mkdir(execution_id, DIR_MODE, dir_fd=root_fd)
                 with open_directory(execution_id, dir_fd=root_fd) as fd:
                     os.fchmod(fd, DIR_MODE)  # exactly, whatever the umask
-                    grant_reader(fd, reader_uid, 0o5)
+                    grant_reader(fd, reader_uid, directory=True)
                     status = os.fstat(fd)
         except FileExistsError:
             raise RenderError(f"{directory}: already exists (is the execution running?)") from None
@@ -184,7 +189,7 @@ class OutputRoot:
         with open_directory(self.path) as root_fd:
             fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=root_fd)
             try:
-                grant_reader(fd, os.geteuid() + 1, 0o4)
+                grant_reader(fd, os.geteuid() + 1, directory=False)
             except OSError:
                 return False
             finally:

@@ -3,7 +3,7 @@
 The runner can leave regular files, sub-directories, FIFOs, sockets, symlinks and files with
 mode 000. The wipe finishes in bounded time whatever it finds: it opens only regular files the
 broker owns (never a FIFO, device or symlink, so nothing can block it), overwrites them with
-zeros after making them writable (``fchmod`` through the descriptor, so a 0400 file is
+zeros after making them writable (through an ``O_PATH`` descriptor, so a 0400 or a 000 file is
 overwritten by a non-root broker too), unlinks everything else without opening it, descends
 into sub-directories to a bounded depth, and reports what it could not remove.
 """
@@ -30,15 +30,18 @@ class WipeReport:
 
 
 def _overwrite(dir_fd: int, name: str) -> None:
-    """Zero a regular file the broker owns; opened without following links or blocking."""
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
-    fd = os.open(name, flags, dir_fd=dir_fd)
+    """Zero a regular file the broker owns, whatever its mode (0400, or a runner's 000).
+
+    An ``O_PATH`` descriptor needs no permission and follows no link; the mode is changed and
+    the file reopened for writing through ``/proc/self/fd``, so the same inode is written.
+    """
+    fd = os.open(name, os.O_PATH | os.O_NOFOLLOW, dir_fd=dir_fd)
     try:
         status = os.fstat(fd)
         if not stat.S_ISREG(status.st_mode) or status.st_uid != os.geteuid():
             return
-        os.fchmod(fd, 0o600)
-        writer = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_NONBLOCK)
+        os.chmod(f"/proc/self/fd/{fd}", 0o600)
+        writer = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_NONBLOCK | os.O_NOCTTY)
         try:
             remaining = min(status.st_size, MAX_OVERWRITE)
             zeros = b"\0" * min(remaining, 1 << 20)
@@ -60,11 +63,19 @@ def _remove_entry(dir_fd: int, name: str, prefix: str, depth: int, report: WipeR
             os.rmdir(name, dir_fd=dir_fd)
         else:
             if stat.S_ISREG(status.st_mode):
-                _overwrite(dir_fd, name)
+                _overwrite_quietly(dir_fd, name, where, report)
             os.unlink(name, dir_fd=dir_fd)
         report.removed.append(where)
     except OSError as exc:
         report.failed.append(f"{where}: {exc.strerror or type(exc).__name__}")
+
+
+def _overwrite_quietly(dir_fd: int, name: str, where: str, report: WipeReport) -> None:
+    """Overwrite if possible; the file is unlinked either way."""
+    try:
+        _overwrite(dir_fd, name)
+    except OSError as exc:
+        report.failed.append(f"{where}: not overwritten ({exc.strerror or type(exc).__name__})")
 
 
 def _remove_tree(parent_fd: int, name: str, prefix: str, depth: int, report: WipeReport) -> None:
