@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from broker.config import Layout
 from broker.control.environments import EnvironmentStore
 from broker.control.executions import ExecutionIssuer, RuntimeValue
 from broker.model import Agent, AgentInstance, Environment, Workflow, parse_resource
-from broker.vault import VaultClient
+from broker.vault import KV, VaultClient
 
 API_VERSION = "agentic.stigmer.ai/v1"
 
@@ -76,3 +76,18 @@ async def issue_secrets(
         ttl=ttl,
         execution_id=execution_id,
     )
+
+
+async def write_context(
+    admin: VaultClient, vault: Any, tenant: str, execution_id: str, **spec: Any
+) -> None:
+    expires = (datetime.now(UTC) + timedelta(minutes=10)).isoformat()
+    """A context written straight to KV, as a broken or hostile control plane could."""
+    document = {
+        "api_version": "agentic.stigmer.ai/v1", "kind": "ExecutionContext",
+        "metadata": {"name": execution_id},
+        "spec": {"execution_id": execution_id, "tenant": tenant, "data": {}, "mcp_servers": [],
+                 "expires_at": expires, **spec},
+    }  # fmt: skip
+    path = vault.layout.context_path(tenant, execution_id)
+    await KV(admin, vault.layout.kv_mount).write_resource(path, document)

@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ from tests.conftest import (
     nonroot_environ,
     owned_dir,
 )
-from tests.factories import agent, environment, instance, resource
+from tests.factories import agent, environment, instance, resource, write_context
 
 CANARY = "cnry-hostile-5d1e-do-not-leak"
 
@@ -91,20 +90,6 @@ def test_resource_names_match_the_whole_string(build: Callable[[str], Any], good
 
 
 # --- raw contexts: what a broken or hostile control plane could write --------------------------
-
-
-async def write_context(
-    admin: VaultClient, vault: Vault, tenant: str, execution_id: str, **spec: Any
-) -> None:
-    expires = (datetime.now(UTC) + timedelta(minutes=10)).isoformat()
-    document = {
-        "api_version": "agentic.stigmer.ai/v1", "kind": "ExecutionContext",
-        "metadata": {"name": execution_id},
-        "spec": {"execution_id": execution_id, "tenant": tenant, "data": {}, "mcp_servers": [],
-                 "expires_at": expires, **spec},
-    }  # fmt: skip
-    path = vault.layout.context_path(tenant, execution_id)
-    await KV(admin, vault.layout.kv_mount).write_resource(path, document)
 
 
 def run_as_broker(

@@ -31,7 +31,7 @@ from tests.conftest import (
     owned_dir,
     wait_until,
 )
-from tests.factories import issue_secrets
+from tests.factories import issue_secrets, write_context
 
 CANARY = "cnry-runner-77b2-do-not-leak"
 SECOND_UID = 10004
@@ -480,3 +480,26 @@ print(json.dumps({{"put": put, "health": health}}))
     assert 1 <= len(refusal_lines) < 50  # rate-limited, with counts
     assert sum(json.loads(line)["refused_since_last"] for line in refusal_lines) >= 1
     assert await context_paths(admin, vault, tenant) == []
+
+
+# --- the same refusals through the sidecar ------------------------------------------------
+
+
+async def test_the_sidecar_refuses_what_run_refuses(
+    vault: Vault, admin: VaultClient, tenant: str, sidecar: Sidecar, python_for_users: str
+) -> None:
+    await write_context(
+        admin, vault, tenant, "nl", data={"X\nid": {"value": "1", "is_secret": False}}
+    )
+    await write_context(
+        admin, vault, tenant, "ld", data={"LD_PRELOAD": {"value": "/x.so", "is_secret": False}}
+    )
+    await write_context(
+        admin, vault, tenant, "nul", data={"K": {"value": "a\u0000b", "is_secret": False}}
+    )
+    big = {f"V{i}": {"value": "x" * 20_000, "is_secret": False} for i in range(500)}
+    await write_context(admin, vault, tenant, "big", data=big)
+    for execution_id in ("nl", "ld", "nul", "big"):
+        one = client_as(python_for_users, RUNNER_UID, sidecar.socket, ("put", execution_id))
+        assert one == {"put": 400}, execution_id
+    assert os.listdir(Path(sidecar.socket).parents[1] / "out") == []  # nothing rendered

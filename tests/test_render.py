@@ -180,3 +180,32 @@ def test_wipe_removes_everything(shm: Path) -> None:
     assert report.failed == []
     assert not directory.path.exists()
     assert wipe(directory).removed == []
+
+
+def test_wipe_reports_what_it_could_not_remove(shm: Path, tmp_path: Path) -> None:
+    """A non-root broker cannot remove a root-owned file in a root-owned sub-directory."""
+    broker_uid = 10002
+    directory = prepare_directory(shm, "exec-r")
+    os.chown(shm, broker_uid, -1)
+    os.chown(directory.path, broker_uid, -1)
+    stuck = directory.path / "root-dir"
+    stuck.mkdir(mode=0o755)
+    (stuck / "f").write_text("x")
+    (directory.path / "mine").write_text("x")
+    os.chown(directory.path / "mine", broker_uid, -1)
+    pid = os.fork()
+    if pid == 0:  # the child becomes the broker's uid and wipes
+        try:
+            os.setgroups([])
+            os.setgid(10000)
+            os.setuid(broker_uid)
+            report = wipe(directory)
+            ok = "mine" in report.removed and any(
+                f.startswith("root-dir/f:") for f in report.failed
+            )
+            os._exit(0 if ok and directory.path.exists() else 3)
+        except BaseException:
+            os._exit(4)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert not (directory.path / "mine").exists() and (stuck / "f").exists()

@@ -213,7 +213,8 @@ async def test_second_sidecar_is_refused_and_first_untouched(
         with pytest.raises(BrokerClientError) as refused:
             other.client.prepare("dup-1")
         assert refused.value.status == 409
-        assert any(e["msg"] == "security: execution claim refused" for e in other.events())
+        refusal = next(e for e in other.events() if e["msg"] == "security: execution claim refused")
+        assert refusal["event"] == "claim-refused" and refusal["level"] == "warning"
         assert "stigmer_broker_claim_conflicts_total 1.0" in other.metrics()
         assert list(other.out.iterdir()) == []
     finally:
@@ -233,6 +234,8 @@ async def test_lease_revoked_from_outside(
     await wait_until(lambda: sidecar.client.get("rev-1")["state"] == "failed", 10)
     state = sidecar.client.get("rev-1")
     assert state["state"] == "failed" and state["ended"]["reason"] == "lease revoked"
+    event = next(e for e in sidecar.events() if e.get("event") == "lease-revoked")
+    assert event["level"] == "warning" and event["execution_id"] == "rev-1"
     assert not prepared.directory.exists()
     assert await context_paths(admin, vault, tenant) == []
     assert [e["msg"] for e in sidecar.events()].count("logged in") == 1  # the login was fine
