@@ -11,6 +11,7 @@ import asyncio
 import inspect
 import itertools
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -69,6 +70,30 @@ async def _bootstrap(running: server.DevServer) -> None:
         )
     finally:
         await admin.aclose()
+
+
+CANARY = re.compile(rb"cnry-[a-z0-9-]+-do-not-(?:leak|echo)")
+
+
+def canary_hits(root: Path) -> list[str]:
+    """Files under ``root`` that hold a test canary (a value that must never be written)."""
+    hits = []
+    for path in root.rglob("*"):
+        try:
+            if path.is_file() and not path.is_symlink() and CANARY.search(path.read_bytes()):
+                hits.append(str(path))
+        except OSError:
+            continue
+    return hits
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_canary_on_disk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """After every test of this worker: no canary in any file the tests or brokers wrote
+    (sidecar logs, JWT files, the dev server's log and audit log live under this tree)."""
+    yield
+    root = tmp_path_factory.getbasetemp()
+    assert canary_hits(root) == [], "a secret value reached a disk-backed file"
 
 
 @pytest.fixture(scope="session")
