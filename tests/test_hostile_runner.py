@@ -503,3 +503,46 @@ async def test_the_sidecar_refuses_what_run_refuses(
         one = client_as(python_for_users, RUNNER_UID, sidecar.socket, ("put", execution_id))
         assert one == {"put": 400}, execution_id
     assert os.listdir(Path(sidecar.socket).parents[1] / "out") == []  # nothing rendered
+
+
+async def test_slow_hoarding_and_deep_requests_from_an_admitted_uid(
+    vault: Vault, admin: VaultClient, tenant: str, home: Path, python_for_users: str
+) -> None:
+    running = await start_sidecar(vault, tenant, home, python_for_users, "--allow-uid",
+                                  str(RUNNER_UID), "--request-timeout", "1s")  # fmt: skip
+    try:
+        await issue(admin, vault, tenant, "abuse-1")
+        script = f"""
+import json, socket, time
+from broker.client import BrokerClient
+from broker.errors import BrokerClientError
+path = {str(running.socket)!r}
+out = {{}}
+silent = socket.socket(socket.AF_UNIX); silent.connect(path)
+silent.settimeout(5); started = time.monotonic()
+out["silent_closed"] = silent.recv(1) == b""; out["silent_after"] = time.monotonic() - started
+held = []
+for _ in range(70):
+    s = socket.socket(socket.AF_UNIX); s.connect(path); held.append(s)
+time.sleep(0.3)
+out["refused_over_cap"] = sum(1 for s in held[64:] if s.recv(64).startswith(b"HTTP/1.1 403"))
+for s in held:
+    s.close()
+client = BrokerClient(path)
+client.prepare("abuse-1")
+deep = "x"
+for _ in range(500):
+    deep = [deep]
+try:
+    client.resolve("abuse-1", deep); out["deep"] = 200
+except BrokerClientError as e:
+    out["deep"] = e.status
+print(json.dumps(out))
+"""
+        out = as_user(python_for_users, RUNNER_UID, script, {})
+        assert out["silent_closed"] and out["silent_after"] < 4  # header timeout: closed
+        assert out["refused_over_cap"] == 6  # 64 held, the rest refused
+        assert out["deep"] == 400  # a 500-level body: 400, never a 500
+    finally:
+        code, stderr = running.stop()
+    assert code == 0 and "Traceback" not in stderr

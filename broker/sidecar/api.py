@@ -39,7 +39,6 @@ from broker.sidecar.registry import Registry
 PEER_UID = web.RequestKey("peer_uid", int)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Readiness = Callable[[], bool]
-BODY_TIMEOUT = 10.0  # seconds to receive a request body
 STATUS: list[tuple[type[BrokerError], int]] = [  # most specific first
     (ClaimConflict, 409),
     (ExecutionGone, 410),
@@ -72,7 +71,9 @@ def problem(status: int, detail: str, error: BrokerError | None = None) -> web.R
     return web.json_response(body.to_json(), status=status, content_type="application/problem+json")
 
 
-def build_app(registry: Registry, metrics: Metrics, ready: Readiness) -> web.Application:
+def build_app(
+    registry: Registry, metrics: Metrics, ready: Readiness, body_timeout: float = 10.0
+) -> web.Application:
     """The API. Peers are checked before this sees a request (``gate``); here each request
     learns its caller's uid, which decides what it may see."""
 
@@ -102,7 +103,7 @@ def build_app(registry: Registry, metrics: Metrics, ready: Readiness) -> web.App
 
     async def resolve(request: web.Request) -> web.Response:
         try:
-            async with asyncio.timeout(BODY_TIMEOUT):
+            async with asyncio.timeout(body_timeout):
                 body = await request.read()
         except TimeoutError:
             return problem(408, "the request body did not arrive in time")

@@ -53,7 +53,7 @@ class SidecarSettings:
     deadline: float = 60.0
     retention: Retention = field(default_factory=Retention)
     share_executions: bool = False
-    header_timeout: float = 10.0  # a connection that sends no complete request is closed
+    header_timeout: float = 10.0  # to deliver a request's headers, and again its body
     max_connections_per_uid: int = 64
     context_limits: Limits = CONTEXTS
 
@@ -140,7 +140,7 @@ async def serve(client: VaultClient, layout: Layout, settings: SidecarSettings) 
 
     allowed: set[int] = set(settings.allow_uids)
     app_runner = web.AppRunner(
-        build_app(registry, metrics, ready), access_log=None,
+        build_app(registry, metrics, ready, settings.header_timeout), access_log=None,
         keepalive_timeout=settings.header_timeout,
     )  # fmt: skip
     await app_runner.setup()
