@@ -88,8 +88,15 @@ class BrokerClient:
         return answer
 
     def list(self) -> list[dict[str, str]]:
-        answer: list[dict[str, str]] = self._request("GET", "/v1/executions")["executions"]
-        return answer
+        """Every execution this caller may see, page by page."""
+        found: list[dict[str, str]] = []
+        after = ""
+        while True:
+            answer = self._request("GET", f"/v1/executions?limit=1000&after={quote(after)}")
+            found += answer["executions"]
+            if not answer.get("next"):
+                return found
+            after = answer["next"]
 
     def resolve(self, execution_id: str, document: Any) -> Any:
         return self._request("POST", _path(execution_id, "/resolve"), document)

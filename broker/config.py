@@ -26,6 +26,7 @@ class Layout:
     kubernetes_mount: str = "kubernetes"
     approle_mount: str = "approle"
     runner_role: str = "stigmer-runner"
+    reaper_role: str = "stigmer-reaper"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Layout:
@@ -36,6 +37,7 @@ class Layout:
             kubernetes_mount=environ.get("STIGMER_KUBERNETES_MOUNT", cls.kubernetes_mount),
             approle_mount=environ.get("STIGMER_APPROLE_MOUNT", cls.approle_mount),
             runner_role=environ.get("STIGMER_RUNNER_ROLE", cls.runner_role),
+            reaper_role=environ.get("STIGMER_REAPER_ROLE", cls.reaper_role),
         )
 
     def environment_path(self, tenant: str, name: str) -> str:

@@ -53,6 +53,7 @@ class Ended:
     lease: str = "kept"
     claim: str = "none"
     errors: list[str] = field(default_factory=list)
+    pending: list[str] = field(default_factory=list)  # Vault steps still being retried
 
 
 @dataclass(frozen=True)

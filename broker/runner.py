@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -75,7 +76,15 @@ class _OneShot:
             return await self._run_child(execution)
         finally:
             self.cleaning = True
-            self.report = await asyncio.shield(self.core.end(execution))
+            self.report = await asyncio.shield(self._end(execution))
+
+    async def _end(self, execution: Execution) -> Cleanup:
+        """End it; what Vault could not do is retried until the deadline, then reported."""
+        report = await self.core.end(execution)
+        if report.pending:
+            until = time.monotonic() + self.settings.deadline
+            await self.core.finish(execution, report, until)
+        return report
 
     async def _run_child(self, execution: Execution) -> int:
         try:
@@ -132,6 +141,9 @@ async def run_command(
     if not command:
         raise ConfigError("no command given: stigmer-broker run ... -- CMD [ARGS...]")
     settings.out.check()
+    swept = settings.out.sweep()
+    if swept:
+        logs.event("swept leftover execution directories", directories=swept)
     core = _core(client, layout, settings)
     one_shot = _OneShot(core, settings, command)
     loop = asyncio.get_running_loop()

@@ -3,7 +3,7 @@
 # It writes Environments (secret values already Transit ciphertext), issues ExecutionContexts
 # and encrypts with the tenants' Transit keys. It can NOT decrypt: no path below grants
 # transit decrypt, so a compromised control plane never sees a secret in plaintext.
-# It cannot create or read execution claims either: those belong to runners.
+# It cannot create, change or release execution claims: those belong to runners.
 
 # Environments: create, replace (check-and-set), read ciphertext, delete.
 path "${kv_mount}/data/environments/*" {
@@ -13,12 +13,18 @@ path "${kv_mount}/metadata/environments/*" {
   capabilities = ["read", "list", "delete"]
 }
 
-# ExecutionContexts: issue (create only, check-and-set 0), read masked, set the expiry, end.
+# ExecutionContexts: issue (create only, check-and-set 0), read masked, set the expiry, list
+# for `execution list`, end.
 path "${kv_mount}/data/execution-contexts/*" {
   capabilities = ["create", "read"]
 }
 path "${kv_mount}/metadata/execution-contexts/*" {
-  capabilities = ["create", "update", "read", "delete"]
+  capabilities = ["create", "update", "read", "list", "delete"]
+}
+
+# Who holds an execution (`execution list`): the claims' metadata only (pod, mode, since).
+path "${kv_mount}/metadata/execution-claims/*" {
+  capabilities = ["read", "list"]
 }
 
 # Encrypt only, with the existing per-tenant keys ("update", not "create": no new keys).

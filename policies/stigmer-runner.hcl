@@ -24,12 +24,14 @@ path "${kv_mount}/metadata/execution-contexts/${tenant}/*" {
 }
 
 # Claim an execution: "create" only, so an existing claim can never be overwritten
-# (the broker also writes with check-and-set 0). Release it when the execution ends.
+# (the broker also writes with check-and-set 0). The holder then records itself (pod, lease
+# accessor, expiry) in the claim's metadata for the reaper; a losing claimant reads that
+# metadata to say who holds the execution. Release it when the execution ends.
 path "${kv_mount}/data/execution-claims/${tenant}/*" {
   capabilities = ["create"]
 }
 path "${kv_mount}/metadata/execution-claims/${tenant}/*" {
-  capabilities = ["delete"]
+  capabilities = ["create", "update", "read", "delete"]
 }
 
 # Decrypt with its own tenant's Transit key only.
@@ -53,6 +55,11 @@ path "auth/token/create" {
     "renewable"         = []
     "num_uses"          = []
   }
+}
+
+# Whether a claim's holder is still alive: token metadata (never the token) by accessor.
+path "auth/token/lookup-accessor" {
+  capabilities = ["update"]
 }
 
 # Its own token (child tokens have no default policy, so these are spelled out).

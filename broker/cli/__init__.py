@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from broker import __version__, errors
-from broker.cli import admin, control, dev, runner
+from broker.cli import admin, control, dev, reaper, runner
 from broker.cli.common import PROG, HelpFormatter, configure_vault
 from broker.hardening import harden
 
@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long one Vault operation may take, retries of transient faults included",
     )
     commands = parser.add_subparsers(dest="command_name", required=True, metavar="COMMAND")
-    for group in (dev, admin, control, runner):
+    for group in (dev, admin, control, reaper, runner):
         group.register(commands)
     completion = commands.add_parser(
         "completion", help="print a shell completion script", formatter_class=HelpFormatter,

@@ -59,7 +59,8 @@ def _jwt_settings(args: argparse.Namespace) -> JwtSettings:
             identity.create_key(key)
             print(f"created    dev identity key {key}", file=sys.stderr)
         keys = (identity.public_pem(key),)
-    return JwtSettings(public_keys=keys, issuer=args.jwt_issuer, audience=args.jwt_audience)
+    return JwtSettings(public_keys=keys, issuer=args.jwt_issuer, audience=args.jwt_audience,
+                       reaper_namespace=args.reaper_namespace)  # fmt: skip
 
 
 def _optional_methods(
@@ -71,7 +72,8 @@ def _optional_methods(
     if args.kubernetes_host:
         ca = read_text("--kubernetes-ca-cert", Path(args.kubernetes_ca_cert)) if (
             args.kubernetes_ca_cert) else ""  # fmt: skip
-        kubernetes = KubernetesSettings(args.kubernetes_host, ca, args.jwt_audience)
+        kubernetes = KubernetesSettings(args.kubernetes_host, ca, args.jwt_audience,
+                                        reaper_namespace=args.reaper_namespace)  # fmt: skip
     approle = None
     if args.approle_tenant:
         approle = AppRoleSettings(
@@ -258,6 +260,11 @@ def _setup_flags(p: argparse.ArgumentParser) -> None:
         action="append",
         metavar="T",
         help="also enable AppRole with a runner role for tenant T (outside Kubernetes)",
+    )
+    p.add_argument(
+        "--reaper-namespace",
+        default="stigmer-system",
+        help="the namespace whose stigmer-reaper service account may log in as reaper",
     )
     p.add_argument("--secret-id-ttl", default="10m", help="AppRole secret_id TTL")
     p.add_argument("--secret-id-num-uses", type=int, default=1, help="AppRole secret_id uses")

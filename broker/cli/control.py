@@ -179,6 +179,24 @@ async def execution_show(args: argparse.Namespace) -> int:
     return 0
 
 
+async def execution_list(args: argparse.Namespace) -> int:
+    from broker import names
+    from broker.config import Layout
+    from broker.control.executions import ExecutionIssuer
+
+    async with vault() as client:
+        listed = await ExecutionIssuer(client, Layout.from_env()).list(names.tenant(args.tenant))
+    lines = []
+    for item in listed:
+        holder = item.claimed_by
+        held = f"{holder['pod']} ({holder['mode']}) since {holder['claimed_at']}" if holder else "-"
+        lines.append(
+            f"{item.id}  {item.expires_at or '?'}  {'live' if item.live else 'expired'}  {held}"
+        )
+    emit({"executions": [i.as_json() for i in listed]}, args.output, "\n".join(lines) or None)
+    return 0
+
+
 async def execution_end(args: argparse.Namespace) -> int:
     from broker.config import Layout
     from broker.control.executions import ExecutionIssuer
@@ -264,6 +282,11 @@ def _register_execution(commands: Group) -> None:
     p.add_argument("id")
     add_tenant(p)
     add_output(p, ("yaml", "json"))
+    p = command(execution, "list", execution_list,
+                "list a tenant's executions: id, expiry, holder (no values)",
+                "stigmer-broker execution list --tenant acme -o json")  # fmt: skip
+    add_tenant(p)
+    add_output(p)
     p = command(execution, "end", execution_end, "end an execution: destroy its context",
                 "stigmer-broker execution end exec-123 --tenant acme")  # fmt: skip
     p.add_argument("id")

@@ -62,7 +62,8 @@ def token(args: argparse.Namespace) -> int:
     if not key.is_file():
         raise ConfigError(f"dev identity key {key} not found; run `stigmer-broker dev up` first")
     ttl = int(parse_duration(args.ttl).total_seconds())
-    print(identity.mint_token(key, args.tenant, pod=args.pod, ttl_seconds=ttl))
+    print(identity.mint_token(key, args.tenant, pod=args.pod, ttl_seconds=ttl,
+                              service_account=args.service_account))  # fmt: skip
     return 0
 
 
@@ -84,6 +85,11 @@ def register(commands: Group) -> None:
                 "stigmer-broker dev token --tenant demo > /dev/shm/sa.jwt")  # fmt: skip
     add_tenant(p)
     p.add_argument("--pod", default="stigmer-runner-0", help="pod name claim")
+    p.add_argument(
+        "--service-account",
+        default="stigmer-runner",
+        help="stigmer-reaper (with --tenant stigmer-system) for the reaper",
+    )
     p.add_argument("--ttl", default="10m", help="token lifetime")
     p.add_argument("--state-dir", default=DEFAULT_STATE_DIR, help="where `dev up` keeps its key")
     p.add_argument("--identity-key", help="dev identity private key (default: the state dir's)")

@@ -210,8 +210,11 @@ def register(commands: Group) -> None:
         help="how many ended executions' summaries GET /v1/executions keeps",
     )
     p.add_argument("--keep-ended-for", default="1h", help="…and for how long")
-    p.add_argument("--request-timeout", default="10s",
-                   help="a connection must deliver a request (and its body) within this")
+    p.add_argument(
+        "--request-timeout",
+        default="10s",
+        help="a connection must deliver a request (and its body) within this",
+    )
     p.add_argument("--share-executions", action="store_true",
                    help="every allowed caller may see and end every execution (default: a caller "
                    "sees those it prepared)")  # fmt: skip

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -94,6 +95,18 @@ def _check_pairing(
             f"{instance.kind} {instance.metadata.display}",
             [f"spec.{field_name}: {bound!r} does not name {template.kind} {template.metadata.id}"],
         )
+
+
+@dataclass(frozen=True)
+class ListedExecution:
+    id: str
+    expires_at: str
+    live: bool  # False: KV already deleted its version (expired); the reaper destroys it
+    claimed_by: dict[str, str] | None
+
+    def as_json(self) -> dict[str, Any]:
+        return {"id": self.id, "expires_at": self.expires_at, "live": self.live,
+                "claimed_by": self.claimed_by}  # fmt: skip
 
 
 def runtime_env(
@@ -305,6 +318,24 @@ class ExecutionIssuer:
             if entry.get("is_secret"):
                 entry["value"] = MASK
         return shown
+
+    async def list(self, tenant: str) -> list[ListedExecution]:
+        """Every live context of ``tenant`` with its expiry and holder: metadata only."""
+        listed = []
+        for name in await self._kv.list(self._layout.contexts_dir(tenant)):
+            if name.endswith("/"):
+                continue
+            try:
+                metadata = await self._kv.read_metadata(self._layout.context_path(tenant, name))
+            except NotFound:
+                continue
+            holder = None
+            with suppress(NotFound):
+                claim = await self._kv.read_metadata(self._layout.claim_path(tenant, name))
+                holder = {k: claim.custom.get(k, "") for k in ("pod", "mode", "claimed_at")}
+            expires = metadata.custom.get("expires_at", "")
+            listed.append(ListedExecution(name, expires, metadata.current_version > 0, holder))
+        return listed
 
     async def end(self, tenant: str, execution_id: str) -> None:
         """Destroy the context (every version and its metadata)."""

@@ -28,7 +28,7 @@ EXPECTED: dict[str, dict[str, tuple[str, ...]]] = {
         "reaper": (DENY, DENY), "admin": (ALLOW, ALLOW),
     },
     "list contexts": {
-        "control-plane": (DENY, DENY), "runner": (DENY, DENY),
+        "control-plane": (ALLOW, ALLOW), "runner": (DENY, DENY),
         "reaper": (ALLOW, ALLOW), "admin": (ALLOW, ALLOW),
     },
     "write context": {

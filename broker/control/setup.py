@@ -18,6 +18,7 @@ from broker.policies import IdentitySources
 from broker.vault import Transit, VaultClient
 
 RUNNER_POLICY = "stigmer-runner"
+REAPER_POLICY = "stigmer-reaper"
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class JwtSettings:
     audience: str = DEFAULT_AUDIENCE
     service_account: str = SERVICE_ACCOUNT
     leeway_seconds: int = 60
+    reaper_namespace: str = "stigmer-system"  # the one namespace whose stigmer-reaper may reap
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,7 @@ class KubernetesSettings:
     ca_cert: str = ""
     audience: str = DEFAULT_AUDIENCE
     service_account: str = SERVICE_ACCOUNT
+    reaper_namespace: str = "stigmer-system"
 
 
 @dataclass(frozen=True)
@@ -123,9 +126,9 @@ class Bootstrap:
         await self.client.post(path, wanted)
         self._note(item, "created" if current is None else "updated")
 
-    def _token_fields(self) -> dict[str, Any]:
+    def _token_fields(self, policy: str = RUNNER_POLICY) -> dict[str, Any]:
         return {
-            "token_policies": [RUNNER_POLICY],
+            "token_policies": [policy],
             "token_ttl": self.limits.ttl,
             "token_max_ttl": self.limits.max_ttl,
             "token_type": "service",
@@ -164,6 +167,18 @@ class Bootstrap:
             f"auth/{mount}/role/{self.layout.runner_role}",
             role,
         )
+        reaper = {
+            "role_type": "jwt",
+            "bound_audiences": [settings.audience],
+            "user_claim": "sub",
+            "bound_subject": f"system:serviceaccount:{settings.reaper_namespace}:stigmer-reaper",
+            "expiration_leeway": leeway,
+            "not_before_leeway": leeway,
+            "clock_skew_leeway": leeway,
+            **self._token_fields(REAPER_POLICY),
+        }
+        role_path = f"auth/{mount}/role/{self.layout.reaper_role}"
+        await self._upsert(f"jwt role {self.layout.reaper_role}", role_path, reaper)
         return accessor
 
     async def kubernetes(self, settings: KubernetesSettings) -> str:
@@ -186,6 +201,14 @@ class Bootstrap:
             f"auth/{mount}/role/{self.layout.runner_role}",
             role,
         )
+        reaper = {
+            "bound_service_account_names": ["stigmer-reaper"],
+            "bound_service_account_namespaces": [settings.reaper_namespace],
+            "audience": settings.audience,
+            **self._token_fields(REAPER_POLICY),
+        }
+        role_path = f"auth/{mount}/role/{self.layout.reaper_role}"
+        await self._upsert(f"kubernetes role {self.layout.reaper_role}", role_path, reaper)
         return accessor
 
     async def approle(self, settings: AppRoleSettings) -> str:
@@ -205,6 +228,11 @@ class Bootstrap:
                 (await self.client.get(f"auth/{mount}/role/{role_name}/role-id"))["data"]["role_id"]
             )
             await self._approle_entity(tenant, role_name, role_id, accessor)
+        reaper = {"bind_secret_id": True, "secret_id_ttl": settings.secret_id_ttl,
+                  "secret_id_num_uses": settings.secret_id_num_uses,
+                  **self._token_fields(REAPER_POLICY)}  # fmt: skip
+        role_path = f"auth/{mount}/role/{self.layout.reaper_role}"
+        await self._upsert(f"approle role {self.layout.reaper_role}", role_path, reaper)
         return accessor
 
     async def _approle_entity(

@@ -1,13 +1,15 @@
 """The record of ending one execution: what was removed, destroyed, released and revoked.
 
-Every step is attempted even when an earlier one failed; errors are listed, never hiding the
-first one, and name paths and accessors only.
+Every step is attempted even when an earlier one failed; errors name paths and accessors
+only. ``pending`` lists the Vault steps still to do, which the front ends retry.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+
+DONE = {"context": ("destroyed",), "claim": ("released",), "lease": ("revoked", "already revoked")}
 
 
 @dataclass
@@ -16,11 +18,17 @@ class Cleanup:
     context: str = "kept"  # destroyed | kept | failed
     claim: str = "none"  # released | none | failed
     lease: str = "kept"  # revoked | already revoked | kept | failed
-    errors: list[str] = field(default_factory=list)
+    file_errors: list[str] = field(default_factory=list)
+    vault_errors: list[str] = field(default_factory=list)  # of the latest attempt
 
     @property
-    def complete(self) -> bool:
-        return not self.errors
+    def errors(self) -> list[str]:
+        return [*self.file_errors, *self.vault_errors]
+
+    @property
+    def pending(self) -> list[str]:
+        """The Vault steps not done yet."""
+        return [step for step, done in DONE.items() if getattr(self, step) not in done]
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -29,4 +37,5 @@ class Cleanup:
             "lease": self.lease,
             "claim": self.claim,
             "errors": self.errors,
+            "pending": self.pending,
         }

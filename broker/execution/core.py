@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -83,6 +84,7 @@ class Execution:
     directory: ExecutionDirectory
     lease: Lease
     registration: Registration
+    detached: bool = False  # the lease no longer counts against its login
 
     @property
     def files(self) -> FilePaths:
@@ -162,8 +164,9 @@ class ExecutionCore:
         settings = self.settings
         claimant = claims.Claimant(settings.pod, settings.holder, lease.login.accessor)
         await claims.claim(
-            lease.client, self._layout, context.tenant, context.execution_id, claimant
-        )
+            lease.client, self._layout, context.tenant, context.execution_id, claimant,
+            context.expires_at,
+        )  # fmt: skip
         try:
             return await self._deliver(context, lease, reader_uid)
         except BaseException:
@@ -218,6 +221,7 @@ class ExecutionCore:
             render(directory, files, reader_uid)
         except BaseException:
             wipe(directory)
+            directory.release()
             raise
         return directory
 
@@ -244,30 +248,55 @@ class ExecutionCore:
         """Wipe, drop the plaintext, destroy the context, release the claim, revoke the lease.
 
         ``lease_gone``: the lease was revoked from outside; the login does the Vault steps.
+        Steps Vault could not do stay in ``Cleanup.pending`` for :meth:`finish`.
         """
         report = Cleanup()
         wiped = wipe(execution.directory)
-        report.files_removed, report.errors = wiped.removed, list(wiped.failed)
+        execution.directory.release()
+        report.files_removed, report.file_errors = wiped.removed, list(wiped.failed)
         execution.registration.release()
         execution.variables.clear()
-        await self._vault_steps(execution, report, lease_gone)
+        if lease_gone:
+            report.lease = "already revoked"
+        await self._vault_steps(execution, report)
         logs.event("execution ended", execution_id=execution.id, **report.as_json())
         return report
 
-    async def _vault_steps(self, execution: Execution, report: Cleanup, lease_gone: bool) -> None:
+    async def finish(self, execution: Execution, report: Cleanup, until: float) -> None:
+        """Retry the pending Vault steps with backoff until done or ``until`` (monotonic)."""
+        attempt = 0
+        while report.pending and time.monotonic() < until:
+            attempt += 1
+            pause = self._client.policy.backoff(min(attempt, 8)) + 0.5
+            await asyncio.sleep(min(pause, max(0.0, until - time.monotonic())))
+            await self._vault_steps(execution, report)
+        outcome = "cleanup finished" if not report.pending else "cleanup given up"
+        logs.event(outcome, execution_id=execution.id, pending=report.pending,
+                   lease_accessor=execution.lease.login.accessor)  # fmt: skip
+        if report.pending:
+            await self._detach(execution, report)
+
+    async def _vault_steps(self, execution: Execution, report: Cleanup) -> None:
         lease, layout, tenant = execution.lease, self._layout, execution.tenant
-        for step, path in (
-            ("context", layout.context_path(tenant, execution.id)),
-            ("claim", layout.claim_path(tenant, execution.id)),
+        report.vault_errors = []
+        lease_gone = report.lease == "already revoked"
+        if "context" in report.pending and await self._destroy(
+            layout.context_path(tenant, execution.id), lease, lease_gone, report
         ):
-            outcome = await self._destroy(path, lease, lease_gone, report)
-            if outcome:
-                setattr(report, step, "destroyed" if step == "context" else "released")
-        if lease_gone:
-            report.lease = "already revoked"
-        else:
+            report.context = "destroyed"
+        if "claim" in report.pending and await self._destroy(
+            layout.claim_path(tenant, execution.id), lease, lease_gone, report
+        ):
+            report.claim = "released"
+        if "lease" in report.pending:
             report.lease = await self._revoke_lease(lease, report)
-        await self.keeper.detach(lease.held)
+        if not report.pending:
+            await self._detach(execution, report)
+
+    async def _detach(self, execution: Execution, report: Cleanup) -> None:
+        if not execution.detached:
+            execution.detached = True
+            await self.keeper.detach(execution.lease.held)
 
     async def _destroy(self, path: str, lease: Lease, lease_gone: bool, report: Cleanup) -> bool:
         actors = [] if lease_gone else [lease.client]
@@ -279,9 +308,9 @@ class ExecutionCore:
                 return True
             except PermissionDenied as exc:  # the lease expired meanwhile: try the login
                 if index == len(actors) - 1:
-                    report.errors.append(str(exc))
+                    report.vault_errors.append(str(exc))
             except VaultError as exc:
-                report.errors.append(str(exc))
+                report.vault_errors.append(str(exc))
                 return False
         return False
 
@@ -289,12 +318,14 @@ class ExecutionCore:
         if self.settings.lease_mode is LeaseMode.LOGIN:
             if await self.keeper.revoke(lease.held):
                 return "revoked"
-            report.errors.append(f"revoking the login {lease.login.accessor} failed")
+            report.vault_errors.append(f"revoking the login {lease.login.accessor} failed")
             return "failed"
         try:
             await revoke_self(lease.client)
+        except PermissionDenied:
+            return "already revoked"  # Vault no longer knows it
         except VaultError as exc:
-            report.errors.append(f"revoking the lease failed: {exc}")
+            report.vault_errors.append(f"revoking the lease failed: {exc}")
             return "failed"
         return "revoked"
 

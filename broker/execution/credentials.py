@@ -51,7 +51,7 @@ async def login(
     if method == "approle":
         if credentials.role_id_file is None or credentials.secret_id_file is None:
             raise ConfigError("AppRole login needs a role_id file and a wrapped secret_id file")
-        role = credentials.role or layout.approle_role(tenant)
+        role = credentials.role or layout.approle_role(tenant)  # one role per tenant
         role_id = read_credential_file("role_id file", credentials.role_id_file)
         wrapped = read_credential_file("secret_id file", credentials.secret_id_file)
         secret_id = await unwrap_secret_id(client, wrapped, layout.approle_mount, role)

@@ -5,6 +5,10 @@
 - Each execution directory is created by the broker (an existing one is refused, never
   reused) and recognised afterwards by its device and inode, so a directory swapped in
   behind the broker's back is detected instead of written into or wiped.
+- The process that created an execution directory holds an exclusive ``flock`` on it for as
+  long as the execution lives (it is created under a hidden name, locked, then renamed into
+  place), so at start a broker can tell leftovers of a killed process — unlocked — from
+  directories another live broker is using, and sweep only the former.
 - Files are 0400 in a 0700 directory. When the reader is another uid (the sidecar's runner),
   that one uid gets read access through a POSIX ACL; the group gets nothing.
 - Every write is a temp file opened with ``O_EXCL|O_NOFOLLOW`` and renamed relative to the
@@ -13,9 +17,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import secrets
 import stat
 import struct
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -99,10 +106,18 @@ def open_directory(path: Path | str, dir_fd: int | None = None) -> Iterator[int]
 
 @dataclass(frozen=True)
 class ExecutionDirectory:
-    """A directory the broker created; ``identity`` is its (device, inode)."""
+    """A directory the broker created; ``identity`` is its (device, inode); ``lock_fd`` holds
+    its ``flock`` while the execution lives (-1: not held)."""
 
     path: Path
     identity: tuple[int, int]
+    lock_fd: int = -1
+
+    def release(self) -> None:
+        """Drop the lock (after the wipe): a later sweep may then remove what is left."""
+        if self.lock_fd >= 0:
+            with suppress(OSError):
+                os.close(self.lock_fd)
 
     @contextmanager
     def open(self) -> Iterator[int]:
@@ -131,6 +146,38 @@ def write_atomic(dir_fd: int, name: str, data: bytes, reader_uid: int | None = N
         with suppress(FileNotFoundError):
             os.unlink(temp, dir_fd=dir_fd)
         raise
+
+
+_NEW = ".new-"  # prefix of a directory being created (locked, then renamed into place)
+
+
+def _rename_new(root_fd: int, temp: str, name: str) -> None:
+    """Rename ``temp`` to ``name``, refusing to replace anything (the root is ours alone)."""
+    try:
+        os.lstat(name, dir_fd=root_fd)
+    except FileNotFoundError:
+        os.rename(temp, name, src_dir_fd=root_fd, dst_dir_fd=root_fd)
+        return
+    raise FileExistsError(name)
+
+
+def _unlocked_leftover(root_fd: int, name: str) -> int | None:
+    """A locked descriptor of ``name`` if it is a directory of ours that nobody holds."""
+    try:
+        status = os.lstat(name, dir_fd=root_fd)
+        if not stat.S_ISDIR(status.st_mode) or status.st_uid != os.geteuid():
+            return None
+        if name.startswith(_NEW) and time.time() - status.st_ctime < 60:
+            return None  # being created right now
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=root_fd)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None  # a live process holds it
+    return fd
 
 
 @dataclass(frozen=True)
@@ -168,20 +215,48 @@ class OutputRoot:
         os.chmod(self.path, self.mode)  # ours: exactly the mode this front end needs
 
     def create(self, execution_id: str, reader_uid: int | None = None) -> ExecutionDirectory:
-        """A new 0700 directory for the execution (readable by ``reader_uid`` via an ACL)."""
+        """A new 0700 directory for the execution (readable by ``reader_uid`` via an ACL),
+        locked by this process until :meth:`ExecutionDirectory.release`."""
         directory = self.path / execution_id
+        temp = f"{_NEW}{execution_id}-{secrets.token_hex(4)}"
         try:
             with open_directory(self.path) as root_fd:
-                os.mkdir(execution_id, DIR_MODE, dir_fd=root_fd)
-                with open_directory(execution_id, dir_fd=root_fd) as fd:
+                os.mkdir(temp, DIR_MODE, dir_fd=root_fd)
+                fd = os.open(temp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=root_fd)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     os.fchmod(fd, DIR_MODE)  # exactly, whatever the umask
                     grant_reader(fd, reader_uid, directory=True)
                     status = os.fstat(fd)
+                    _rename_new(root_fd, temp, execution_id)
+                except BaseException:
+                    os.close(fd)
+                    with suppress(OSError):
+                        os.rmdir(temp, dir_fd=root_fd)
+                    raise
         except FileExistsError:
             raise RenderError(f"{directory}: already exists (is the execution running?)") from None
         except OSError as exc:
             raise RenderError(f"{directory}: cannot create ({exc.strerror})") from None
-        return ExecutionDirectory(directory, (status.st_dev, status.st_ino))
+        return ExecutionDirectory(directory, (status.st_dev, status.st_ino), fd)
+
+    def sweep(self) -> list[str]:
+        """Remove execution directories no live process holds (their lock is free): what a
+        killed broker left. Returns their names."""
+        from broker.render.wipe import wipe  # the wipe depends on this module
+
+        swept = []
+        with open_directory(self.path) as root_fd:
+            for name in os.listdir(root_fd):
+                fd = _unlocked_leftover(root_fd, name)
+                if fd is None:
+                    continue
+                status = os.fstat(fd)
+                leftover = ExecutionDirectory(self.path / name, (status.st_dev, status.st_ino), fd)
+                wipe(leftover)
+                leftover.release()
+                swept.append(name)
+        return swept
 
     def supports_acl(self) -> bool:
         """Whether the root's filesystem stores POSIX ACLs (probed on a scratch file)."""

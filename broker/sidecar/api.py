@@ -98,8 +98,17 @@ def build_app(
         return web.json_response(record.answer().to_json())
 
     async def list_executions(request: web.Request) -> web.Response:
-        items = [{"id": r.id, "state": str(r.state)} for r in registry.records(request[PEER_UID])]
-        return web.json_response({"executions": items})
+        """A page of ``{"id", "state"}`` in id order: ``?limit=`` (≤ 1000), ``?after=ID``."""
+        try:
+            limit = min(int(request.query.get("limit", "100")), 1000)
+        except ValueError:
+            return problem(400, "limit must be a number")
+        after = request.query.get("after", "")
+        records = sorted(registry.records(request[PEER_UID]), key=lambda r: r.id)
+        page = [r for r in records if r.id > after][: max(limit, 1)]
+        items = [{"id": r.id, "state": str(r.state)} for r in page]
+        more = len(page) == max(limit, 1) and page[-1].id != records[-1].id
+        return web.json_response({"executions": items, "next": page[-1].id if more else None})
 
     async def resolve(request: web.Request) -> web.Response:
         try:

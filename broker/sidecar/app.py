@@ -79,8 +79,12 @@ def _core(
 
 
 def _check_output(settings: SidecarSettings) -> None:
-    """The output root is the broker's; callers of another uid need ACLs on it."""
+    """The output root is the broker's; callers of another uid need ACLs on it. Directories
+    a killed broker left there are swept."""
     settings.out.check()
+    swept = settings.out.sweep()
+    if swept:
+        logs.event("swept leftover execution directories", directories=swept)
     others = [uid for uid in settings.allow_uids if uid != os.geteuid()]
     if (others or not settings.allow_uids) and not settings.out.supports_acl():
         raise ConfigError(
@@ -183,6 +187,7 @@ async def _shutdown(
         await asyncio.wait_for(registry.end_all("shutdown"), settings.shutdown_timeout)
     except TimeoutError:
         logs.event("shutdown: some executions did not end in time", level=30)
+    await registry.stop_retries()
     for task in background:
         task.cancel()
     await asyncio.gather(*background, return_exceptions=True)

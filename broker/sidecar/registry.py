@@ -93,6 +93,7 @@ class Registry:
         self._shared = shared
         self._active: dict[str, Record] = {}
         self._ended: OrderedDict[str, Record] = OrderedDict()
+        self._retries: dict[str, tuple[asyncio.Task[None], Execution, Cleanup]] = {}
 
     @property
     def tenant(self) -> str:
@@ -225,8 +226,42 @@ class Registry:
                 record.timer.cancel()
             if lease_gone:
                 await self._core.keeper.verify()  # the login may be gone too: log in again
-            cleanup = await asyncio.shield(self._core.end(record.execution, lease_gone))
+            execution = record.execution
+            cleanup = await asyncio.shield(self._core.end(execution, lease_gone))
             self._ended_as(record, cleanup, reason, State.FAILED if lease_gone else State.ENDED)
+            if cleanup.pending:
+                task = asyncio.create_task(self._retry(record, execution, cleanup, reason))
+                self._retries[record.id] = (task, execution, cleanup)
+
+    async def _retry(
+        self, record: Record, execution: Execution, cleanup: Cleanup, reason: str
+    ) -> None:
+        """Retry what Vault could not do until done or the context would have expired."""
+        left = 3600.0
+        if execution.expires_at is not None:
+            left = (execution.expires_at - datetime.now(UTC)).total_seconds()
+        try:
+            await self._core.finish(execution, cleanup, time.monotonic() + max(left, 0.0))
+        finally:
+            self._retries.pop(record.id, None)
+        record.ended = Ended(reason=reason, **cleanup.as_json())
+
+    def pending(self) -> dict[str, tuple[list[str], str]]:
+        """Executions whose cleanup is still being retried: id → (steps, lease accessor)."""
+        return {
+            execution_id: (cleanup.pending, execution.lease.login.accessor)
+            for execution_id, (_, execution, cleanup) in self._retries.items()
+        }
+
+    async def stop_retries(self) -> None:
+        """At shutdown: stop retrying and say, with accessors only, what is still pending."""
+        for execution_id, (steps, accessor) in self.pending().items():
+            logs.event("cleanup still pending at shutdown", level=30, execution_id=execution_id,
+                       pending=steps, lease_accessor=accessor)  # fmt: skip
+        tasks = [task for task, _, _ in self._retries.values()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def _ended_as(self, record: Record, cleanup: Cleanup, reason: str, state: State) -> None:
         record.execution, record.state = None, state
