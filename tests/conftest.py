@@ -8,15 +8,19 @@ never see each other's data.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import itertools
+import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,12 +28,43 @@ from typing import Any
 
 import pytest
 
+from broker.client import BrokerClient
 from broker.config import Layout, VaultSettings
 from broker.control.setup import AppRoleSettings, Bootstrap, JwtSettings
 from broker.dev import identity, server
 from broker.vault import KV, Transit, VaultClient
 
 _counter = itertools.count()
+_spawned: list[subprocess.Popen[Any]] = []
+
+
+def spawn(*args: Any, **kwargs: Any) -> subprocess.Popen[Any]:
+    """``subprocess.Popen``, remembered: whatever a test leaves running is killed after it."""
+    process: subprocess.Popen[Any] = subprocess.Popen(*args, **kwargs)
+    _spawned.append(process)
+    return process
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_processes() -> Iterator[None]:
+    """Kill what a (failed) test left running: a leaked sidecar outlives its JWT and its tree."""
+    yield
+    while _spawned:
+        process = _spawned.pop()
+        if process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                if is_group_leader(process):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.kill()
+            process.wait(10)
+
+
+def is_group_leader(process: subprocess.Popen[Any]) -> bool:
+    """Was ``process`` started as a group leader (start_new_session)?"""
+    try:
+        return os.getpgid(process.pid) == process.pid
+    except ProcessLookupError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -168,11 +203,72 @@ def start_run(
     vault: Vault, tenant: str, execution_id: str, out: Path, jwt: Path, child: str, *extra: str
 ) -> subprocess.Popen[str]:
     """`stigmer-broker run ... -- python -c CHILD` in the background, output captured."""
-    return subprocess.Popen(
+    return spawn(
         [sys.executable, "-m", "broker.cli", "run", "--tenant", tenant, "--execution", execution_id,
          "--out", str(out), "--jwt-file", str(jwt), *extra, "--", sys.executable, "-c", child],
         env=vault.environ(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
+
+
+@dataclass
+class Sidecar:
+    process: subprocess.Popen[bytes]
+    socket: Path
+    out: Path
+    log: Path
+    metrics_port: int
+    client: BrokerClient
+
+    def events(self) -> list[dict[str, object]]:
+        return [json.loads(line) for line in self.log.read_text().splitlines() if line.strip()]
+
+    def metrics(self) -> str:
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as answer:
+            return str(answer.read().decode())
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(30)
+
+
+async def start_sidecar(
+    vault: Vault,
+    tenant: str,
+    tmp_path: Path,
+    shm: Path,
+    *extra: str,
+    name: str = "a",
+    vault_addr: str = "",
+    jwt: Path | None = None,
+) -> Sidecar:
+    """A sidecar process (as root) on ``shm``; ``vault_addr``: e.g. a fault proxy's."""
+    shm.chmod(0o750)  # like a shared volume: the runner's group may enter, others may not
+    socket_path = shm / f"{name}.sock"
+    out = shm / f"out-{name}"
+    log = tmp_path / f"{name}.log"
+    port = server.free_port()
+    environ = vault.environ()
+    environ.pop("VAULT_TOKEN")  # the sidecar holds no token of ours
+    if vault_addr:
+        environ["VAULT_ADDR"] = vault_addr
+    with log.open("wb") as log_file:
+        process = spawn(
+            [sys.executable, "-m", "broker.cli", "sidecar", "--tenant", tenant, "--socket", str(socket_path),
+             "--out", str(out), "--jwt-file", str(jwt or vault.jwt_for(tenant, tmp_path)), "--pod", f"pod-{name}",
+             "--metrics-addr", f"127.0.0.1:{port}", *extra],
+            env=environ, stdout=subprocess.DEVNULL, stderr=log_file,
+        )  # fmt: skip
+    client = BrokerClient(socket_path, timeout=30)
+
+    def up() -> bool:
+        if process.poll() is not None:
+            raise AssertionError(f"sidecar exited at start: {log.read_text()}")
+        return socket_path.exists() and client.ready()
+
+    await wait_until(up, 20, "the sidecar to be ready")
+    return Sidecar(process, socket_path, out, log, port, client)
 
 
 async def context_paths(admin: VaultClient, vault: Vault, tenant: str) -> list[str]:

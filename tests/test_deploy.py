@@ -81,3 +81,16 @@ def test_dockerfile_runs_as_non_root() -> None:
     user = [line for line in lines if line.startswith("USER ")]
     assert user and not user[-1].split()[1].startswith(("0", "root"))
     assert 'ENTRYPOINT ["stigmer-broker"]' in lines
+
+
+def test_the_reaper_runs_with_its_own_identity() -> None:
+    account, deployment = documents(DEPLOY / "kubernetes" / "reaper.yaml")
+    assert account["metadata"] == {"name": "stigmer-reaper", "namespace": "stigmer-system"}
+    spec = deployment["spec"]["template"]["spec"]
+    assert spec["serviceAccountName"] == "stigmer-reaper"
+    container = spec["containers"][0]
+    assert container["args"][0] == "reaper" and "--all-tenants" in container["args"]
+    context = container["securityContext"]
+    assert context["readOnlyRootFilesystem"] is True and context["runAsUser"] != 0
+    token = spec["volumes"][0]["projected"]["sources"][0]["serviceAccountToken"]
+    assert token["audience"] == "vault"

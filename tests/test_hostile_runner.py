@@ -29,6 +29,7 @@ from tests.conftest import (
     context_paths,
     nonroot_environ,
     owned_dir,
+    spawn,
     wait_until,
 )
 from tests.factories import issue_secrets, write_context
@@ -138,7 +139,7 @@ async def test_no_other_uid_can_plant_or_swap_an_execution_directory(
     marker = home / "ready"
     child = (f"import pathlib, time; pathlib.Path({str(marker)!r}).write_text('x'); "
              "time.sleep(3)")  # fmt: skip
-    process = subprocess.Popen(
+    process = spawn(
         broker_command(python_for_users, BROKER_UID, "run", "--tenant", tenant, "--execution",
                        "swap-1", "--out", str(out), "--jwt-file", str(jwt_file(vault, tenant, home)),
                        "--", python_for_users, "-c", child),
@@ -190,7 +191,7 @@ async def start_sidecar(vault: Vault, tenant: str, home: Path, python: str, *ext
     port = free_port()
     environ = vault.environ()
     environ.pop("VAULT_TOKEN")
-    process = subprocess.Popen(
+    process = spawn(
         broker_command(python, BROKER_UID, "sidecar", "--tenant", tenant, "--socket", str(socket_path),
                        "--out", str(home / "out"), "--jwt-file", str(jwt_file(vault, tenant, home)),
                        "--metrics-addr", f"127.0.0.1:{port}", *extra),
@@ -364,7 +365,7 @@ async def test_sigterm_gives_the_command_its_grace_then_kills_it(
     marker = home / "stubborn"
     child = ("import pathlib, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
              f"pathlib.Path({str(marker)!r}).write_text('x'); time.sleep(60)")  # fmt: skip
-    process = subprocess.Popen(
+    process = spawn(
         broker_command(python_for_users, BROKER_UID, "run", "--tenant", tenant, "--execution",
                        "grace-1", "--out", str(home / "out"), "--jwt-file",
                        str(jwt_file(vault, tenant, home)), "--kill-after", "1s", "--",
@@ -451,7 +452,7 @@ async def test_a_flood_from_a_refused_uid_does_not_starve_the_runner(
 ) -> None:
     for n in range(5):
         await issue(admin, vault, tenant, f"flood-{n}")
-    attacker = subprocess.Popen(
+    attacker = spawn(
         [*as_uid(OTHER_UID), python_for_users, "-c", FLOOD.format(socket=str(sidecar.socket))],
         env=nonroot_environ({}), stdout=subprocess.PIPE, text=True,
     )  # fmt: skip

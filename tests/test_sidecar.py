@@ -10,73 +10,28 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
-from broker.client import AsyncBrokerClient, BrokerClient, BrokerClientError
+from broker.client import AsyncBrokerClient, BrokerClientError
 from broker.control.executions import RuntimeValue
 from broker.dev.server import free_port
 from broker.vault import KV, VaultClient
-from tests.conftest import Vault, accessor_alive, context_paths, runner_role_like, wait_until
+from tests.conftest import (
+    Sidecar,
+    Vault,
+    accessor_alive,
+    context_paths,
+    runner_role_like,
+    start_sidecar,
+    wait_until,
+)
 from tests.factories import HTTP_SERVER, issue_secrets
 
 CANARY = "cnry-sidecar-3e9f1b-do-not-leak"
-
-
-@dataclass
-class Sidecar:
-    process: subprocess.Popen[bytes]
-    socket: Path
-    out: Path
-    log: Path
-    metrics_port: int
-    client: BrokerClient
-
-    def events(self) -> list[dict[str, object]]:
-        return [json.loads(line) for line in self.log.read_text().splitlines() if line.strip()]
-
-    def metrics(self) -> str:
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=5) as answer:
-            return str(answer.read().decode())
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(30)
-
-
-async def start_sidecar(
-    vault: Vault, tenant: str, tmp_path: Path, shm: Path, *extra: str, name: str = "a"
-) -> Sidecar:
-    shm.chmod(0o750)  # like a shared volume: the runner's group may enter, others may not
-    socket_path = shm / f"{name}.sock"
-    out = shm / f"out-{name}"
-    log = tmp_path / f"{name}.log"
-    port = free_port()
-    environ = vault.environ()
-    environ.pop("VAULT_TOKEN")  # the sidecar holds no token of ours
-    with log.open("wb") as log_file:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "broker.cli", "sidecar", "--tenant", tenant, "--socket", str(socket_path),
-             "--out", str(out), "--jwt-file", str(vault.jwt_for(tenant, tmp_path)), "--pod", f"pod-{name}",
-             "--metrics-addr", f"127.0.0.1:{port}", *extra],
-            env=environ, stdout=subprocess.DEVNULL, stderr=log_file,
-        )  # fmt: skip
-    client = BrokerClient(socket_path, timeout=30)
-
-    def up() -> bool:
-        if process.poll() is not None:
-            raise AssertionError(f"sidecar exited at start: {log.read_text()}")
-        return socket_path.exists() and client.ready()
-
-    await wait_until(up, 20, "the sidecar to be ready")
-    return Sidecar(process, socket_path, out, log, port, client)
 
 
 @pytest.fixture
@@ -471,3 +426,32 @@ def test_refuses_a_vault_token_in_its_environment(vault: Vault, tmp_path: Path, 
     assert result.returncode == 2
     assert "must not have a Vault token in its environment" in result.stderr
     assert vault.server.token not in result.stderr
+
+
+async def test_executions_are_listed_page_by_page(
+    vault: Vault, admin: VaultClient, tenant: str, sidecar: Sidecar
+) -> None:
+    import http.client
+    import socket as sockets
+
+    for n in range(5):
+        await issue(admin, vault, tenant, f"page-{n}")
+        sidecar.client.prepare(f"page-{n}")
+    sidecar.client.end("page-0")  # an ended one stays listed, as a summary
+
+    def page(query: str) -> dict[str, object]:
+        connection = http.client.HTTPConnection("localhost")
+        connection.sock = sockets.socket(sockets.AF_UNIX)
+        connection.sock.connect(str(sidecar.socket))
+        connection.request("GET", f"/v1/executions?{query}")
+        answer = json.loads(connection.getresponse().read())
+        connection.close()
+        return dict(answer)
+
+    first = page("limit=2")
+    assert [e["id"] for e in first["executions"]] == ["page-0", "page-1"]
+    assert first["next"] == "page-1" and first["executions"][0]["state"] == "ended"
+    rest = page(f"limit=10&after={first['next']}")
+    assert [e["id"] for e in rest["executions"]] == ["page-2", "page-3", "page-4"]
+    assert rest["next"] is None
+    assert len(sidecar.client.list()) == 5  # the client follows the pages

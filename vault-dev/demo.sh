@@ -60,6 +60,20 @@ if "$broker" execution show "$execution" --tenant "$tenant" 2>"$state/show.err";
 fi
 echo "context: $(cat "$state/show.err")"
 
+step "the reaper: an execution nobody ran expires, and one pass destroys it (metadata only)"
+printf 'sk-demo-abandoned-0099\n' | "$broker" execution create --tenant "$tenant" \
+  --agent "$here/demo/agent.yaml" --instance "$here/demo/instance.yaml" --secret SPECIAL_TOKEN \
+  --ttl 2s --id abandoned-1 >/dev/null
+"$broker" execution list --tenant "$tenant"
+sleep 3
+"$broker" dev token --tenant stigmer-system --service-account stigmer-reaper > "$state/reaper.jwt"
+env -u VAULT_TOKEN "$broker" --log-level warning reaper --tenant "$tenant" --once --grace 0s \
+  --jwt-file "$state/reaper.jwt"
+if "$broker" execution show abandoned-1 --tenant "$tenant" >/dev/null 2>&1; then
+  echo "FAIL: the abandoned context is still there"; exit 1
+fi
+echo "context abandoned-1: destroyed by the reaper"
+
 step "stop the dev server"
 "$broker" dev down --state-dir "$state"
 echo

@@ -52,8 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-level",
         choices=["debug", "info", "warning", "error"],
-        help="level of the JSON log lines on stderr (default: info for run and sidecar, "
-        "warning for the others)",
+        help="level of the JSON log lines on stderr (default: info for run, sidecar and "
+        "reaper, warning for the others)",
     )
     parser.add_argument("--vault-timeout", default="10s", help="timeout of one Vault request")
     parser.add_argument(
@@ -96,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from broker import logs
 
-    quiet = args.command_name not in runner.RUNNER_COMMANDS
+    quiet = args.command_name not in (*runner.RUNNER_COMMANDS, "reaper")
     logs.setup(args.log_level or ("warning" if quiet else "info"))
     try:
         configure_vault(args)

@@ -141,7 +141,16 @@ def start(
     environ.update(BAO_DEV_ROOT_TOKEN_ID=token, VAULT_DEV_ROOT_TOKEN_ID=token)
     log = open(state_dir / "server.log", "wb")  # noqa: SIM115 - handed to the child
     process = subprocess.Popen(
-        [binary, "server", "-dev", f"-dev-listen-address={listen}", f"-config={config}"],
+        # -dev-no-store-token: never touch the user's ~/.vault-token (and no race between
+        # servers started in parallel over its temp file).
+        [
+            binary,
+            "server",
+            "-dev",
+            "-dev-no-store-token",
+            f"-dev-listen-address={listen}",
+            f"-config={config}",
+        ],
         stdin=subprocess.DEVNULL,
         stdout=log,
         stderr=subprocess.STDOUT,

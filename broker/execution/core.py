@@ -46,6 +46,7 @@ from broker.vault import (
 )
 
 STRIPPED_FROM_CHILD = ("VAULT_", "BAO_", "STIGMER_DEV_IDENTITY_KEY")
+FIRST_CLEANUP_DEADLINE = 5.0  # seconds for the first try at the Vault steps of an end
 
 
 class LeaseMode(Enum):
@@ -131,7 +132,8 @@ class ExecutionCore:
 
     async def _lease(self, context: contexts.StoredContext) -> Lease:
         remaining = math.ceil(context.remaining())
-        if remaining > self.keeper.max_ttl:
+        slack = min(5.0, self.keeper.max_ttl / 10)  # a lease's parent must outlive it a little
+        if remaining + slack > self.keeper.max_ttl:  # not even a fresh login covers it
             raise ValidationError(
                 f"execution {context.execution_id}",
                 [
@@ -140,7 +142,7 @@ class ExecutionCore:
                     "with a shorter --ttl or raise token_max_ttl and --login-max-ttl"
                 ],
             )
-        held = await self.keeper.token_for(remaining + 5)
+        held = await self.keeper.token_for(remaining + slack)
         if self.settings.lease_mode is LeaseMode.LOGIN:
             return Lease(held, held.login, held.client)
         try:
@@ -258,7 +260,8 @@ class ExecutionCore:
         execution.variables.clear()
         if lease_gone:
             report.lease = "already revoked"
-        await self._vault_steps(execution, report)
+        with deadline(FIRST_CLEANUP_DEADLINE):  # an outage leaves steps pending for finish()
+            await self._vault_steps(execution, report)
         logs.event("execution ended", execution_id=execution.id, **report.as_json())
         return report
 
@@ -269,7 +272,8 @@ class ExecutionCore:
             attempt += 1
             pause = self._client.policy.backoff(min(attempt, 8)) + 0.5
             await asyncio.sleep(min(pause, max(0.0, until - time.monotonic())))
-            await self._vault_steps(execution, report)
+            with deadline(max(1.0, until - time.monotonic())):
+                await self._vault_steps(execution, report)
         outcome = "cleanup finished" if not report.pending else "cleanup given up"
         logs.event(outcome, execution_id=execution.id, pending=report.pending,
                    lease_accessor=execution.lease.login.accessor)  # fmt: skip

@@ -1,8 +1,10 @@
 """The one token keeper: the process's Vault login, kept alive exactly as long as it is needed.
 
 - Renews each held token at about 2/3 of its TTL, on the monotonic clock.
-- A transient renewal failure (after the client's own retries) backs off with full jitter,
-  never past the token's expiry; the process-wide request cap applies to every attempt.
+- A transient renewal failure (after the client's own retries) backs off with full jitter
+  (at least 0.5 s); a failed new login backs off too (at least 1 s). Nothing is retried at
+  once, so an unreachable Vault costs no CPU; the process-wide request cap applies as well.
+- An expired token is forgotten; an expired or unrenewable current login is replaced.
 - A token Vault refuses (403: revoked or expired) is dropped; if it was the current login, the
   keeper logs in again.
 - When renewal stops extending the current login (its max TTL is near), the keeper logs in
@@ -17,6 +19,7 @@ login that parents every execution's lease.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -73,6 +76,8 @@ class TokenKeeper:
         self._retired: list[HeldToken] = []
         self._lock = asyncio.Lock()
         self._changed = asyncio.Event()
+        self._relogin_at = 0.0  # monotonic: no new login attempt before this (after failures)
+        self._relogin_failures = 0
 
     # --- logins -------------------------------------------------------------------------------
 
@@ -110,12 +115,19 @@ class TokenKeeper:
                 return self.current
             return await self._new_login()
 
+    def covers(self, token: HeldToken, lifetime: float) -> bool:
+        """Can renewals keep ``token`` alive ``lifetime`` more seconds?"""
+        if token.given:
+            return True
+        now = time.monotonic()
+        return token.expires > now and token.issued + self.max_ttl >= now + lifetime
+
     async def token_for(self, lifetime: float) -> HeldToken:
         """The current login, if renewals can keep it alive ``lifetime`` more seconds; else a
         fresh one. The caller owns one lease on it until :meth:`detach`."""
         token = self.current
         assert token is not None, "start() first"
-        if not token.given and token.issued + self.max_ttl - 30 < time.monotonic() + lifetime:
+        if not self.covers(token, lifetime):
             token = await self.relogin(token)
         token.leases += 1
         return token
@@ -142,49 +154,73 @@ class TokenKeeper:
         """When the current login must be replaced: a margin before its max TTL."""
         return token.issued + self.max_ttl - token.margin()
 
-    def _due(self, token: HeldToken) -> float:
-        if token is self.current and self._login is not None:
-            return min(token.due(), self._end_of_life(token))
-        return token.due()
+    def _needs_login(self, token: HeldToken | None, now: float) -> bool:
+        """Must the current login be replaced (it is gone, dying, or cannot be renewed in time)?
+
+        No current login means it was revoked on purpose (``run`` at its end): nothing to do.
+        """
+        if self._login is None or token is None:
+            return False
+        if now >= token.expires or now >= self._end_of_life(token):
+            return True
+        return token.retry_at is not None and token.retry_at >= token.expires
+
+    def _next_action(self) -> tuple[float, Callable[[], Awaitable[None]]] | None:
+        """The next thing to do and when (monotonic): a renewal or a new login, or None.
+
+        Expired retired tokens are forgotten here (Vault has already dropped them and their
+        leases). Every action that fails pushes its own time forward, so the loop never spins.
+        """
+        now = time.monotonic()
+        self._retired = [t for t in self._retired if t.expires > now]
+        actions: list[tuple[float, Callable[[], Awaitable[None]]]] = []
+        current = self.current
+        if current is not None and self._needs_login(current, now):
+            actions.append((self._relogin_at, functools.partial(self._relogin_step, current)))
+        for token in self.held():
+            if token.given or not token.login.renewable or token.expires <= now:
+                continue
+            if token is current and token.retry_at is not None and token.retry_at >= token.expires:
+                continue  # it cannot be renewed before it ends: only the new login helps
+            due = token.due()
+            if token is current and self._login is not None and not self._needs_login(token, now):
+                due = min(due, self._end_of_life(token))
+            actions.append((due, functools.partial(self._renew, token)))
+        return min(actions, key=lambda action: action[0]) if actions else None
 
     async def run(self) -> None:
-        """Renew every held token when due, forever (cancel the task to stop)."""
+        """Renew every held token when due and log in again when needed (cancel to stop)."""
         while True:
-            renewable = [t for t in self.held() if t.login.renewable and not t.given]
             self._changed.clear()
-            if not renewable:
+            action = self._next_action()
+            if action is None:
                 await self._changed.wait()
                 continue
-            token = min(renewable, key=self._due)
-            pause = self._due(token) - time.monotonic()
+            when, step = action
+            pause = when - time.monotonic()
             if pause > 0:
                 try:
                     await asyncio.wait_for(self._changed.wait(), pause)
                     continue  # something changed: recompute
                 except TimeoutError:
                     pass
-            await self._renew(token)
+            await step()
 
     async def _renew(self, token: HeldToken) -> None:
-        if token is self.current and time.monotonic() >= self._end_of_life(token):
-            logs.event("token near its max TTL: logging in again", accessor=token.accessor)
-            await self._relogin_quietly(token)
-            return
         try:
-            ttl = await renew_self(token.client)
+            with deadline(max(0.5, token.expires - time.monotonic())):  # no use after it ends
+                ttl = await renew_self(token.client)
         except PermissionDenied:
             self._observe("renewal", "refused")
             logs.event("token refused by Vault: dropped", level=30, accessor=token.accessor)
-            await self._drop(token)
+            self._drop(token)
             return
         except VaultError as exc:
             self._observe("renewal", "failed")
             token.failures += 1
-            pause = self._client.policy.backoff(token.failures)
-            token.retry_at = min(time.monotonic() + max(pause, 0.5), token.expires)
+            pause = max(self._client.policy.backoff(token.failures), 0.5)
+            token.retry_at = time.monotonic() + pause  # never in the past: no spinning
             logs.event("token renewal failed", accessor=token.accessor, error=str(exc))
-            if token.retry_at >= token.expires:
-                await self._drop(token)
             return
         self._observe("renewal", "ok")
         now = time.monotonic()
@@ -194,19 +230,26 @@ class TokenKeeper:
         token.renewed, token.expires, token.failures, token.retry_at = now, expires, 0, None
         if not extended and token is self.current and self._login is not None:
             logs.event("token reached its max TTL: logging in again", accessor=token.accessor)
-            await self._relogin_quietly(token)
+            await self._relogin_step(token)
 
-    async def _drop(self, token: HeldToken) -> None:
+    def _drop(self, token: HeldToken) -> None:
+        """Vault refused ``token``: forget it; a refused current login is replaced by run()."""
         if token in self._retired:
             self._retired.remove(token)
-        if token is self.current and self._login is not None:
-            await self._relogin_quietly(token)
+        token.expires = min(token.expires, time.monotonic())
+        self._changed.set()
 
-    async def _relogin_quietly(self, stale: HeldToken) -> None:
+    async def _relogin_step(self, stale: HeldToken) -> None:
+        """Log in again; a failure backs off (at least 1 s) instead of retrying at once."""
         try:
             await self.relogin(stale)
         except BrokerError as exc:
-            logs.event("re-login failed", level=40, error=str(exc))
+            self._relogin_failures += 1
+            pause = max(self._client.policy.backoff(self._relogin_failures), 1.0)
+            self._relogin_at = time.monotonic() + pause
+            logs.event("re-login failed", level=40, error=str(exc), retry_in=round(pause, 2))
+        else:
+            self._relogin_failures, self._relogin_at = 0, 0.0
 
     # --- checks and the end -------------------------------------------------------------------
 
@@ -220,7 +263,7 @@ class TokenKeeper:
         except PermissionDenied:
             if token.given or self._login is None:
                 return False
-            await self._relogin_quietly(token)
+            await self._relogin_step(token)
             return self.current is not token
         except VaultError:
             return False

@@ -46,6 +46,7 @@ KNOWN_ERRORS: tuple[tuple[str, str], ...] = (
     ("token not yet valid", "the token is not valid yet"),
     ("audience claim does not match", "wrong audience"),
     ("invalid issuer", "wrong issuer"),
+    ("invalid subject", "a claim is not allowed by the role"),
     ("no known key successfully validated", "signed by a key Vault does not know"),
     ("is missing", "a required claim is missing"),
     ("does not match any associated bound claim values", "a claim is not allowed by the role"),

@@ -205,6 +205,9 @@ class Transport:
         except (OSError, h11.ProtocolError, asyncio.IncompleteReadError) as exc:
             _discard(connection)
             raise Dropped(f"connection broke ({type(exc).__name__})", sent=True) from None
+        except BaseException:  # cancelled mid-exchange: the connection's state is unknown
+            _discard(connection)
+            raise
         self._checkin(origin, connection)
         return Response(status, answer_headers, data)
 
