@@ -27,7 +27,8 @@ values, so any error text is safe to log. ``hint`` says how to fix it; the CLI p
     ├─ ExecutionError             an execution's state forbids the request
     │  ├─ ClaimConflict           another claimant holds it                        9
     │  ├─ ExecutionGone           it already ended here                            10
-    │  └─ ExecutionUnknown        this process does not know it                    11
+    │  ├─ ExecutionUnknown        this process does not know it                    11
+    │  └─ ShuttingDown            the sidecar stopped it (SIGTERM): retry elsewhere  (503)
     └─ BrokerClientError          a runner's request to the sidecar failed (.status)
 """
 
@@ -255,6 +256,13 @@ class ExecutionGone(ExecutionError):
 
 class ExecutionUnknown(ExecutionError):
     pass
+
+
+class ShuttingDown(ExecutionError):
+    """The sidecar received SIGTERM while preparing it: nothing was delivered, all given back."""
+
+    retryable = True
+    hint = "the context is kept: prepare it again (another sidecar, or this one after restart)"
 
 
 class BrokerClientError(BrokerError):

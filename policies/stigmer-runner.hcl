@@ -26,9 +26,11 @@ path "${kv_mount}/metadata/execution-contexts/${tenant}/*" {
 # Claim an execution: "create" only, so an existing claim can never be overwritten
 # (the broker also writes with check-and-set 0). The holder then records itself (pod, lease
 # accessor, expiry) in the claim's metadata for the reaper; a losing claimant reads that
-# metadata to say who holds the execution. Release it when the execution ends.
+# metadata to say who holds the execution. "read": a claim holds no secret (pod, mode, lease
+# accessor), and a claimant whose write answer was lost reads it to see the claim is its own.
+# Release it when the execution ends.
 path "${kv_mount}/data/execution-claims/${tenant}/*" {
-  capabilities = ["create"]
+  capabilities = ["create", "read"]
 }
 path "${kv_mount}/metadata/execution-claims/${tenant}/*" {
   capabilities = ["create", "update", "read", "delete"]

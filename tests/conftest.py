@@ -33,6 +33,7 @@ from broker.config import Layout, VaultSettings
 from broker.control.setup import AppRoleSettings, Bootstrap, JwtSettings
 from broker.dev import identity, server
 from broker.vault import KV, Transit, VaultClient
+from tests.faultproxy import FaultProxy
 
 _counter = itertools.count()
 _spawned: list[subprocess.Popen[Any]] = []
@@ -269,6 +270,26 @@ async def start_sidecar(
 
     await wait_until(up, 20, "the sidecar to be ready")
     return Sidecar(process, socket_path, out, log, port, client)
+
+
+@pytest.fixture
+def proxy(vault: Vault) -> Iterator[FaultProxy]:
+    """A fault proxy in front of this worker's dev server (see tests/faultproxy.py)."""
+    running = FaultProxy(vault.server.addr).start()
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+async def claim_metadata(admin: VaultClient, tenant: str, execution_id: str) -> dict[str, str]:
+    return (
+        await KV(admin, "stigmer").read_metadata(f"execution-claims/{tenant}/{execution_id}")
+    ).custom
+
+
+async def claims(admin: VaultClient, tenant: str) -> list[str]:
+    return await KV(admin, "stigmer").list(f"execution-claims/{tenant}")
 
 
 async def context_paths(admin: VaultClient, vault: Vault, tenant: str) -> list[str]:

@@ -90,6 +90,22 @@ class FaultProxy:
         self._thread.join(5)
         self._loop.close()
 
+    def go_away(self) -> None:
+        """Close the listening socket and every connection: clients see "connection refused"."""
+
+        async def close() -> None:
+            assert self._server is not None
+            self._server.close()
+            for task in [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]:
+                task.cancel()
+
+        asyncio.run_coroutine_threadsafe(close(), self._loop).result(10)
+
+    def come_back(self) -> None:
+        """Listen again on the same port."""
+        start = asyncio.start_server(self._client, "127.0.0.1", self.port)
+        self._server = asyncio.run_coroutine_threadsafe(start, self._loop).result(10)
+
     def add(self, rule: Rule) -> Rule:
         with self._lock:
             self.rules.append(rule)

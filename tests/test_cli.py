@@ -123,3 +123,36 @@ def test_the_hint_is_printed(tmp_path: object) -> None:
         "stigmer-broker: hint: `source .vault-dev/env` after `dev up`, or export the address "
         "of your Vault",
     ]
+
+
+def leaf(path: tuple[str, ...]) -> argparse.ArgumentParser:
+    parser = build_parser()
+    for name in path:
+        action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parser = action.choices[name]
+    return parser
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("path", commands(build_parser()), ids=" ".join)
+def test_every_command_takes_the_global_options(path: tuple[str, ...]) -> None:
+    flags = {flag for action in leaf(path)._actions for flag in action.option_strings}
+    assert {"--log-level", "--vault-timeout", "--vault-deadline"} <= flags
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    "command",
+    [["env", "list", "--tenant", "acme"],
+     ["sidecar", "--tenant", "acme", "--socket", "s", "--out", "o"],
+     ["run", "--tenant", "acme", "--execution", "e", "--out", "o"]],
+    ids=lambda command: command[0],
+)  # fmt: skip
+def test_global_options_before_or_after_the_command(command: list[str]) -> None:
+    parser, flags = build_parser(), ["--vault-timeout", "7s", "--log-level", "debug"]
+    tail = ["--", "true"] if command[0] == "run" else []
+    for argv in ([*flags, *command, *tail], [*command, *flags, *tail]):
+        args = parser.parse_args(argv)
+        assert (args.vault_timeout, args.log_level) == ("7s", "debug"), argv
+    args = parser.parse_args([*command, *tail])
+    assert (args.vault_timeout, args.vault_deadline, args.log_level) == ("10s", "30s", None)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -20,15 +20,6 @@ from tests.conftest import Vault
 from tests.faultproxy import FaultProxy, Rule
 
 FAST = RetryPolicy(base_delay=0.05, max_delay=0.2, request_timeout=1.0, operation_deadline=1.0)
-
-
-@pytest.fixture
-def proxy(vault: Vault) -> Iterator[FaultProxy]:
-    running = FaultProxy(vault.server.addr).start()
-    try:
-        yield running
-    finally:
-        running.stop()
 
 
 @pytest.fixture

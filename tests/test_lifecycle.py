@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,8 @@ from broker.vault import KV, Transit, VaultClient, jwt_login
 from tests.conftest import (
     Vault,
     accessor_alive,
+    claim_metadata,
+    claims,
     cli,
     context_paths,
     runner_role_like,
@@ -56,23 +57,6 @@ def reap(vault: Vault, tmp_path: Path, *tenants: str, grace: str = "0s") -> dict
                  "-o", "json", env=environ)  # fmt: skip
     assert result.returncode == 0, result.stderr
     return dict(json.loads(result.stdout))
-
-
-async def claim_metadata(admin: VaultClient, tenant: str, execution_id: str) -> dict[str, str]:
-    return (
-        await KV(admin, "stigmer").read_metadata(f"execution-claims/{tenant}/{execution_id}")
-    ).custom
-
-
-async def claims(admin: VaultClient, tenant: str) -> list[str]:
-    return await KV(admin, "stigmer").list(f"execution-claims/{tenant}")
-
-
-@pytest.fixture
-def proxy(vault: Vault) -> Iterator[FaultProxy]:
-    running = FaultProxy(vault.server.addr).start()
-    yield running
-    running.stop()
 
 
 def start_run(vault: Vault, tenant: str, execution_id: str, out: Path, jwt: Path, marker: Path,

@@ -4,24 +4,40 @@ real server (503 sealed, 429 with Retry-After, hangs, resets, lost responses, re
 from __future__ import annotations
 
 import asyncio
+import itertools
+import json
 import os
-from collections.abc import Iterator
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from broker.errors import BrokerClientError
 from broker.vault import VaultClient
-from tests.conftest import Vault, runner_role_like, start_sidecar
-from tests.faultproxy import FaultProxy, Rule
+from tests.conftest import (
+    Sidecar,
+    Vault,
+    accessor_alive,
+    claim_metadata,
+    claims,
+    context_paths,
+    runner_role_like,
+    spawn,
+    start_sidecar,
+    wait_until,
+)
+from tests.factories import issue_secrets
+from tests.faultproxy import FaultProxy, Rule, Seen
 
-
-@pytest.fixture
-def proxy(vault: Vault) -> Iterator[FaultProxy]:
-    running = FaultProxy(vault.server.addr).start()
-    try:
-        yield running
-    finally:
-        running.stop()
+CANARY = "cnry-faults-c41d-do-not-leak"
 
 
 def cpu_seconds(pid: int) -> float:
@@ -61,5 +77,283 @@ async def test_a_sidecar_that_cannot_log_in_again_waits_without_spinning(
                 break
             await asyncio.sleep(0.1)
         assert sidecar.client.ready(), sidecar.log.read_text()[-2000:]
+    finally:
+        assert sidecar.stop() == 0, sidecar.log.read_text()[-2000:]
+
+
+async def test_sigterm_cancels_a_prepare_waiting_on_vault_and_gives_everything_back(
+    vault: Vault, admin: VaultClient, tenant: str, tmp_path: Path, shm: Path, proxy: FaultProxy
+) -> None:
+    await issue_secrets(admin, vault.layout, tenant, "sig-1", {"TOKEN_0": (CANARY, True)})
+    sidecar = await start_sidecar(vault, tenant, tmp_path, shm, "--vault-timeout", "2s",
+                                  vault_addr=proxy.url)  # fmt: skip
+    proxy.add(Rule("hang", match="-transit/decrypt/"))  # claimed and leased, then stuck
+    preparing = asyncio.ensure_future(asyncio.to_thread(sidecar.client.prepare, "sig-1"))
+    await wait_until(lambda: proxy.requests("-transit/decrypt/"), 10, "the decrypt request")
+    accessor = (await claim_metadata(admin, tenant, "sig-1"))["lease_accessor"]
+    assert await accessor_alive(admin, accessor)
+    started = time.monotonic()
+    sidecar.process.send_signal(signal.SIGTERM)
+    assert sidecar.process.wait(10) == 0, sidecar.log.read_text()[-2000:]
+    assert time.monotonic() - started < 2 + 2  # 2 s plus one request timeout
+    with pytest.raises(BrokerClientError) as refused:
+        await preparing
+    assert refused.value.status == 503 and "shutting down" in str(refused.value)
+    assert await claims(admin, tenant) == []
+    assert not await accessor_alive(admin, accessor)
+    assert "sig-1" in await context_paths(admin, vault, tenant)  # kept: it can be prepared again
+    assert not (sidecar.out / "sig-1").exists()
+    messages = [event["msg"] for event in sidecar.events()]
+    assert "shutdown: preparations cancelled" in messages
+    assert "execution prepared" not in messages
+
+
+async def test_sigterm_stops_a_run_waiting_on_vault_and_gives_everything_back(
+    vault: Vault, admin: VaultClient, tenant: str, tmp_path: Path, shm: Path, proxy: FaultProxy
+) -> None:
+    await issue_secrets(admin, vault.layout, tenant, "sig-run", {"TOKEN_0": (CANARY, True)})
+    proxy.add(Rule("hang", match="-transit/decrypt/"))
+    environ = vault.environ(VAULT_ADDR=proxy.url)
+    environ.pop("VAULT_TOKEN")
+    marker = tmp_path / "ran"
+    process = spawn(
+        [sys.executable, "-m", "broker.cli", "run", "--vault-timeout", "2s", "--tenant", tenant,
+         "--execution", "sig-run", "--out", str(shm), "--jwt-file",
+         str(vault.jwt_for(tenant, tmp_path)), "--", "touch", str(marker)],
+        env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    await wait_until(lambda: proxy.requests("-transit/decrypt/"), 15, "the decrypt request")
+    accessor = (await claim_metadata(admin, tenant, "sig-run"))["lease_accessor"]
+    started = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=10)
+    assert time.monotonic() - started < 2 + 2, stderr
+    assert process.returncode == 128 + signal.SIGTERM, stderr
+    assert "interrupted before the command started" in stderr
+    assert not marker.exists() and not (shm / "sig-run").exists()
+    assert await claims(admin, tenant) == []
+    assert not await accessor_alive(admin, accessor)
+    assert "sig-run" in await context_paths(admin, vault, tenant)
+
+
+def readyz(sidecar: Sidecar) -> tuple[int, dict[str, object]]:
+    """The Kubernetes view: GET /readyz on the metrics port."""
+    url = f"http://127.0.0.1:{sidecar.metrics_port}/readyz"
+    try:
+        with urllib.request.urlopen(url, timeout=10) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as refused:
+        return refused.code, json.loads(refused.read())
+
+
+async def until_readyz(sidecar: Sidecar, status: int, within: float) -> dict[str, object]:
+    deadline = time.monotonic() + within
+    while True:
+        code, body = await asyncio.to_thread(readyz, sidecar)
+        if code == status:
+            return body
+        assert time.monotonic() < deadline, f"/readyz stayed {code} {body}"
+        await asyncio.sleep(0.1)
+
+
+async def test_readyz_tells_the_truth_about_vault(
+    vault: Vault, admin: VaultClient, tenant: str, tmp_path: Path, shm: Path, proxy: FaultProxy
+) -> None:
+    """Sealed, unreachable, token revoked: 503 within one check interval (1 s here, plus the
+    check's own bounded time); 200 again within one interval after each recovery."""
+    sidecar = await start_sidecar(vault, tenant, tmp_path, shm, "--vault-check-interval", "1s",
+                                  vault_addr=proxy.url)  # fmt: skip
+    try:
+        assert readyz(sidecar) == (200, {"ready": True, "vault": "ok", "active_executions": 0})
+        proxy.add(Rule("sealed"))
+        assert (await until_readyz(sidecar, 503, 1 + 1 + 1))["vault"] == "sealed"
+        proxy.clear()
+        await until_readyz(sidecar, 200, 1 + 1)
+
+        proxy.go_away()
+        assert (await until_readyz(sidecar, 503, 1 + 1 + 1))["vault"] == "unreachable"
+        proxy.come_back()
+        await until_readyz(sidecar, 200, 1 + 1)
+
+        first = [e["accessor"] for e in sidecar.events() if e["msg"] == "logged in"]
+        await admin.post("auth/token/revoke-accessor", {"accessor": first[-1]})
+
+        def logins() -> list[object]:
+            return [e["accessor"] for e in sidecar.events() if e["msg"] == "logged in"]
+
+        await wait_until(lambda: len(logins()) == len(first) + 1, 1 + 1 + 1, "a new login")
+        assert readyz(sidecar)[0] == 200
+        assert "login refused by Vault: logging in again" in [e["msg"] for e in sidecar.events()]
+        assert "stigmer_broker_vault_ready 1.0" in sidecar.metrics()
+    finally:
+        assert sidecar.stop() == 0, sidecar.log.read_text()[-2000:]
+
+
+# --- run through the proxy -------------------------------------------------------------------
+
+
+def run_via(
+    proxy: FaultProxy,
+    vault: Vault,
+    tenant: str,
+    execution_id: str,
+    tmp_path: Path,
+    shm: Path,
+    *flags: str,
+    child: str = "import os, sys; sys.exit(0 if os.environ['TOKEN_0'] else 3)",
+) -> tuple[subprocess.CompletedProcess[str], list[dict[str, Any]]]:
+    """`run` against the proxy; (the process, its JSON log events)."""
+    environ = vault.environ(VAULT_ADDR=proxy.url)
+    environ.pop("VAULT_TOKEN")
+    result = subprocess.run(
+        [sys.executable, "-m", "broker.cli", "run", "--tenant", tenant, "--execution",
+         execution_id, "--out", str(shm), "--jwt-file", str(vault.jwt_for(tenant, tmp_path)),
+         *flags, "--", sys.executable, "-c", child],
+        env=environ, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    events = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    return result, events
+
+
+def gaps(seen: list[Seen]) -> list[float]:
+    return [later.at - earlier.at for earlier, later in itertools.pairwise(seen)]
+
+
+async def all_gone(admin: VaultClient, vault: Vault, tenant: str, accessor: str) -> bool:
+    return (
+        await context_paths(admin, vault, tenant) == []
+        and await claims(admin, tenant) == []
+        and not await accessor_alive(admin, accessor)
+    )
+
+
+def login_accessor(events: list[dict[str, Any]]) -> str:
+    return str(next(e["accessor"] for e in events if e["msg"] == "logged in"))
+
+
+async def test_run_rides_out_a_sealed_vault_and_honours_retry_after(
+    vault: Vault, admin: VaultClient, tenant: str, tmp_path: Path, shm: Path, proxy: FaultProxy
+) -> None:
+    await issue_secrets(admin, vault.layout, tenant, "ride-1", {"TOKEN_0": (CANARY, True)})
+    proxy.add(Rule("sealed", match="/execution-contexts/", times=3))
+    proxy.add(Rule("rate-limit", match="-transit/decrypt/", times=1, retry_after="3"))
+    proxy.add(Rule("reset", match="/execution-claims/", times=1))  # a claim write, half answered
+    result, events = run_via(proxy, vault, tenant, "ride-1", tmp_path, shm)
+    assert result.returncode == 0, result.stderr
+    reads = [s for s in proxy.requests("/execution-contexts/") if s.method == "GET"]
+    assert [s.action for s in reads[:4]] == ["sealed"] * 3 + ["pass"]
+    decrypts = proxy.requests("-transit/decrypt/")
+    assert [s.action for s in decrypts] == ["rate-limit", "pass"]
+    assert gaps(decrypts)[0] >= 3.0  # Retry-After honoured, never shortened
+    assert len(proxy.requests("/auth/jwt/login")) == 1
+    assert await all_gone(admin, vault, tenant, login_accessor(events))
+    assert CANARY not in result.stderr
+
+
+async def test_run_gives_up_on_a_trickling_answer_at_its_deadline(
+    vault: Vault, admin: VaultClient, tenant: str, tmp_path: Path, shm: Path, proxy: FaultProxy
+) -> None:
+    """One byte every 0.3 s: each request times out (2 s), the execution's deadline (5 s)
+    ends the retries, the login is revoked and the context kept for another try."""
+    await issue_secrets(admin, vault.layout, tenant, "slow-1", {"TOKEN_0": (CANARY, True)})
+    proxy.add(Rule("trickle", match="/execution-contexts/", seconds=0.3))
+    started = time.monotonic()
+    result, events = run_via(proxy, vault, tenant, "slow-1", tmp_path, shm,
+                             "--vault-timeout", "2s", "--deadline", "5s")  # fmt: skip
+    assert time.monotonic() - started < 5 + 5, result.stderr
+    assert result.returncode == 3, result.stderr
+    assert "did not answer in time" in result.stderr.splitlines()[-2]
+    assert not await accessor_alive(admin, login_accessor(events))
+    assert await context_paths(admin, vault, tenant) == ["slow-1"]
+    assert await claims(admin, tenant) == []
+
+
+async def test_a_lost_login_answer_is_reported_not_retried(
+    vault: Vault, admin: VaultClient, tenant: str, tmp_path: Path, shm: Path, proxy: FaultProxy
+) -> None:
+    """Vault minted a token but the answer never arrived: logging in again blindly would leave
+    orphans behind in a loop. One login request, a clear error, exit 3."""
+    await issue_secrets(admin, vault.layout, tenant, "lost-1", {"TOKEN_0": (CANARY, True)})
+    proxy.add(Rule("drop", match="/auth/jwt/login"))
+    result, _ = run_via(proxy, vault, tenant, "lost-1", tmp_path, shm)
+    assert result.returncode == 3, result.stderr
+    assert len(proxy.requests("/auth/jwt/login")) == 1
+    assert "may have" in result.stderr and "login" in result.stderr
+    assert proxy.requests("/execution-contexts/") == []
+
+
+async def test_run_finishes_its_cleanup_after_an_outage(
+    vault: Vault, admin: VaultClient, tenant: str, tmp_path: Path, shm: Path, proxy: FaultProxy
+) -> None:
+    """Vault is sealed for 8 s from the moment the command ends: the first cleanup try (5 s)
+    fails, the retries until --deadline finish it; nothing is left and run exits 0."""
+    await issue_secrets(admin, vault.layout, tenant, "out-1", {"TOKEN_0": (CANARY, True)})
+    marker = tmp_path / "ended"
+    child = f"import pathlib; pathlib.Path({str(marker)!r}).write_text('x')"
+
+    def seal_when_done() -> None:
+        while not marker.exists():
+            time.sleep(0.01)
+        proxy.add(Rule("sealed", until=time.monotonic() + 8))
+
+    sealer = threading.Thread(target=seal_when_done, daemon=True)
+    sealer.start()  # a thread: run_via blocks this event loop
+    result, events = run_via(proxy, vault, tenant, "out-1", tmp_path, shm, "--deadline", "30s",
+                             child=child)  # fmt: skip
+    sealer.join(5)
+    assert result.returncode == 0, result.stderr
+    messages = [e["msg"] for e in events]
+    assert "cleanup finished" in messages
+    assert await all_gone(admin, vault, tenant, login_accessor(events))
+
+
+# --- the sidecar's request rate under faults ----------------------------------------------------
+
+
+async def test_renewal_against_a_sealed_vault_backs_off(
+    vault: Vault, admin: VaultClient, tenant: str, tmp_path: Path, shm: Path, proxy: FaultProxy
+) -> None:
+    await runner_role_like(admin, "sc-renew", token_ttl=3, token_max_ttl=120)
+    sidecar = await start_sidecar(vault, tenant, tmp_path, shm, "--role", "sc-renew",
+                                  "--vault-check-interval", "30s", vault_addr=proxy.url)  # fmt: skip
+    try:
+        await wait_until(lambda: proxy.requests("renew-self"), 5, "a first renewal")
+        since = time.monotonic()
+        proxy.add(Rule("sealed", until=since + 8))
+        await asyncio.sleep(8)
+        sealed = [s for s in proxy.requests(since=since) if s.action == "sealed"]
+        # Old behaviour: ~10 a second. Now a renewal is one request at least 1 s after the
+        # last; once the 3 s token cannot be renewed in time, logins back off like any call.
+        assert len(sealed) <= 12, [(s.path, round(s.at - since, 2)) for s in sealed]
+        renewals = [s for s in sealed if "renew-self" in s.path]
+        assert all(gap >= 1.0 for gap in gaps(renewals)), gaps(renewals)
+        await asyncio.sleep(3)
+        assert readyz(sidecar)[0] == 200  # recovered: a fresh login if the old one lapsed
+    finally:
+        assert sidecar.stop() == 0, sidecar.log.read_text()[-2000:]
+
+
+async def test_retries_from_many_callers_stay_under_the_process_cap(
+    vault: Vault, admin: VaultClient, tenant: str, tmp_path: Path, shm: Path, proxy: FaultProxy
+) -> None:
+    """20 prepares against a Vault sealed for 4 s: retries are capped at 10 a second for the
+    whole process (plus a burst of 10), and every prepare succeeds once Vault is back."""
+    ids = [f"cap-{n}" for n in range(20)]
+    for execution_id in ids:
+        await issue_secrets(admin, vault.layout, tenant, execution_id, {"TOKEN_0": (CANARY, True)})
+    sidecar = await start_sidecar(vault, tenant, tmp_path, shm, vault_addr=proxy.url)
+    try:
+        since = time.monotonic()
+        proxy.add(Rule("sealed", match="/execution-contexts/", until=since + 4))
+        loop = asyncio.get_running_loop()
+        with ThreadPoolExecutor(len(ids)) as callers:  # all at once (to_thread's pool is 6)
+            prepared = await asyncio.gather(
+                *(loop.run_in_executor(callers, sidecar.client.prepare, i) for i in ids)
+            )
+        assert sorted(p.id for p in prepared) == sorted(ids)
+        sealed = [s for s in proxy.requests(since=since) if s.action == "sealed"]
+        retries = len(sealed) - len(ids)
+        assert retries <= 10 * 4 + 10 + 2, retries  # the cap, its burst, timing slack
+        assert time.monotonic() - since < 4 + 5
     finally:
         assert sidecar.stop() == 0, sidecar.log.read_text()[-2000:]

@@ -49,18 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
-    parser.add_argument(
-        "--log-level",
-        choices=["debug", "info", "warning", "error"],
-        help="level of the JSON log lines on stderr (default: info for run, sidecar and "
-        "reaper, warning for the others)",
-    )
-    parser.add_argument("--vault-timeout", default="10s", help="timeout of one Vault request")
-    parser.add_argument(
-        "--vault-deadline",
-        default="30s",
-        help="how long one Vault operation may take, retries of transient faults included",
-    )
+    _global_options(parser, defaults=True)
     commands = parser.add_subparsers(dest="command_name", required=True, metavar="COMMAND")
     for group in (dev, admin, control, reaper, runner):
         group.register(commands)
@@ -70,7 +59,38 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     completion.add_argument("shell", choices=["bash", "zsh"])
     completion.set_defaults(handler=_completion)
+    _everywhere(commands)
     return parser
+
+
+def _global_options(parser: argparse.ArgumentParser, defaults: bool) -> None:
+    """Options every command takes, before or after its name (like the Vault CLI's)."""
+    group = parser.add_argument_group("global options")
+
+    def add(flag: str, default: str | None, help_text: str, **extra: object) -> None:
+        if defaults:
+            group.add_argument(flag, default=default, help=help_text, **extra)  # type: ignore[arg-type]
+        else:  # SUPPRESS: not given here, the top level's value stands
+            shown = f" (default: {default})" if default else ""
+            group.add_argument(flag, default=argparse.SUPPRESS, help=help_text + shown, **extra)  # type: ignore[arg-type]
+
+    add("--log-level", None, "level of the JSON log lines on stderr (default: info for run, "
+        "sidecar and reaper, warning for the others)",
+        choices=["debug", "info", "warning", "error"])  # fmt: skip
+    add("--vault-timeout", "10s", "timeout of one Vault request")
+    add("--vault-deadline", "30s",
+        "how long one Vault operation may take, retries of transient faults included")  # fmt: skip
+
+
+def _everywhere(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Give every (sub)command the global options; given there, they win over the top level's."""
+    for parser in set(commands.choices.values()):
+        nested = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if nested:
+            for action in nested:
+                _everywhere(action)
+        else:
+            _global_options(parser, defaults=False)
 
 
 def _completion(args: argparse.Namespace) -> int:

@@ -102,13 +102,23 @@ def seconds(text: str) -> float:
     return parse_duration(text).total_seconds()
 
 
+def positive_seconds(text: str, flag: str) -> float:
+    """A duration that must be more than zero (an interval of 0 would spin, a timeout of 0
+    would fail everything)."""
+    value = seconds(text)
+    if value <= 0:
+        raise ConfigError(f"{flag} {text!r}: must be more than zero")
+    return value
+
+
 _VAULT_TIMING: dict[str, float] = {}
 
 
 def configure_vault(args: argparse.Namespace) -> None:
     """Remember ``--vault-timeout`` and ``--vault-deadline`` for every client of this process."""
     _VAULT_TIMING.update(
-        request_timeout=seconds(args.vault_timeout), operation_deadline=seconds(args.vault_deadline)
+        request_timeout=positive_seconds(args.vault_timeout, "--vault-timeout"),
+        operation_deadline=positive_seconds(args.vault_deadline, "--vault-deadline"),
     )
 
 

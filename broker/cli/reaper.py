@@ -6,7 +6,15 @@ import argparse
 from datetime import timedelta
 from pathlib import Path
 
-from broker.cli.common import Group, add_output, command, emit, seconds, vault_client
+from broker.cli.common import (
+    Group,
+    add_output,
+    command,
+    emit,
+    positive_seconds,
+    seconds,
+    vault_client,
+)
 from broker.errors import ConfigError
 
 
@@ -37,9 +45,11 @@ async def reaper(args: argparse.Namespace) -> int:
     keeper = TokenKeeper(client, None if args.auth == "token" else login_once, 2 * 3600)
     grace = timedelta(seconds=seconds(args.grace))
     try:
-        await keeper.start(seconds(args.startup_timeout))
+        await keeper.start(positive_seconds(args.startup_timeout, "--startup-timeout"))
         if not args.once:
-            settings = LoopSettings(tenants, seconds(args.interval), grace, args.metrics_addr)
+            settings = LoopSettings(
+                tenants, positive_seconds(args.interval, "--interval"), grace, args.metrics_addr
+            )
             return await run_forever(keeper, layout, settings)
         report = await one_pass(keeper, layout, tenants, grace)
     finally:

@@ -13,6 +13,7 @@ from broker.cli.common import (
     add_tenant,
     command,
     parse_size,
+    positive_seconds,
     seconds,
     vault_client,
 )
@@ -58,8 +59,8 @@ async def run(args: argparse.Namespace) -> int:
         out=OutputRoot(Path(args.out) if args.out else default_out_dir(), args.allow_disk),
         credentials=_credentials(args),
         allow_secret_in_args=args.allow_secret_in_args,
-        login_max_ttl=seconds(args.login_max_ttl),
-        deadline=seconds(args.deadline),
+        login_max_ttl=positive_seconds(args.login_max_ttl, "--login-max-ttl"),
+        deadline=positive_seconds(args.deadline, "--deadline"),
         kill_after=seconds(args.kill_after),
         context_limits=_context_limits(args),
     )
@@ -94,14 +95,15 @@ async def sidecar(args: argparse.Namespace) -> int:
         allow_uids=tuple(args.allow_uid or ()),
         pod=args.pod or os.environ.get("POD_NAME") or os.uname().nodename,
         allow_secret_in_args=args.allow_secret_in_args,
-        startup_timeout=seconds(args.startup_timeout),
-        lease_check_interval=seconds(args.lease_check_interval),
-        shutdown_timeout=seconds(args.shutdown_timeout),
-        login_max_ttl=seconds(args.login_max_ttl),
-        deadline=seconds(args.deadline),
+        startup_timeout=positive_seconds(args.startup_timeout, "--startup-timeout"),
+        lease_check_interval=positive_seconds(args.lease_check_interval, "--lease-check-interval"),
+        vault_check_interval=positive_seconds(args.vault_check_interval, "--vault-check-interval"),
+        shutdown_timeout=positive_seconds(args.shutdown_timeout, "--shutdown-timeout"),
+        login_max_ttl=positive_seconds(args.login_max_ttl, "--login-max-ttl"),
+        deadline=positive_seconds(args.deadline, "--deadline"),
         retention=Retention(args.keep_ended, seconds(args.keep_ended_for)),
         share_executions=args.share_executions,
-        header_timeout=seconds(args.request_timeout),
+        header_timeout=positive_seconds(args.request_timeout, "--request-timeout"),
         context_limits=_context_limits(args),
     )
     try:
@@ -202,6 +204,11 @@ def register(commands: Group) -> None:
         "--lease-check-interval",
         default="15s",
         help="how often leases are checked for outside revocation",
+    )
+    p.add_argument(
+        "--vault-check-interval",
+        default="5s",
+        help="how often /readyz's view of Vault is refreshed (sealed, unreachable, token refused)",
     )
     p.add_argument(
         "--keep-ended",

@@ -56,7 +56,7 @@ EXPECTED: dict[str, dict[str, tuple[str, ...]]] = {
         "reaper": (DENY, DENY), "admin": (DENY, DENY),
     },
     "read claim": {
-        "control-plane": (DENY, DENY), "runner": (DENY, DENY),
+        "control-plane": (DENY, DENY), "runner": (ALLOW, DENY),
         "reaper": (DENY, DENY), "admin": (DENY, DENY),
     },
     "encrypt": {

@@ -9,6 +9,9 @@ A claim is a KV entry at ``execution-claims/<tenant>/<id>``:
    when, and the context's expiry — with ``delete_version_after`` set past that expiry. A reaper
    reads metadata only (never a value) and can revoke the lease of a holder that died.
 
+A write whose answer was lost is retried; if the retry finds a claim naming its own lease, the
+first write got through and the claim is ours (runners may read claims: they hold no secret).
+
 A loser is told who holds the execution, since when, and whether that holder's lease is still
 alive. A claim whose lease is provably dead (its accessor no longer resolves) is freed by the
 reaper; the same pod may take its own dead claim over at once (a restarted sidecar resumes),
@@ -81,6 +84,10 @@ async def claim(
             await kv.write(path, record, cas=0)
             break
         except (Conflict, PermissionDenied) as exc:  # the runner policy may only create
+            if await _ours(kv, path, claimant):
+                # A retry after a lost answer: the first write got through. It is ours.
+                logs.event("claim written by an earlier attempt", execution_id=execution_id)
+                break
             current = await holder(kv, path, lease)
             if current is None and isinstance(exc, PermissionDenied):
                 raise  # no claim there: a real permission problem
@@ -93,6 +100,17 @@ async def claim(
     custom = {**record, "expires_at": expires_at.isoformat() if expires_at else ""}
     await kv.write_metadata(path, max_versions=1, custom=custom,
                             delete_version_after=f"{math.ceil(remaining) + GRACE}s")  # fmt: skip
+
+
+async def _ours(kv: KV, path: str, claimant: Claimant) -> bool:
+    """Does the claim at ``path`` name ``claimant``'s lease (no secret in it: pod, accessor)?"""
+    try:
+        document = await kv.read(path)
+    except (NotFound, PermissionDenied):
+        return False
+    return bool(claimant.lease_accessor) and (
+        document.data.get("lease_accessor") == claimant.lease_accessor
+    )
 
 
 def _own_dead(current: Holder, claimant: Claimant) -> bool:

@@ -1,9 +1,9 @@
 """The one token keeper: the process's Vault login, kept alive exactly as long as it is needed.
 
 - Renews each held token at about 2/3 of its TTL, on the monotonic clock.
-- A transient renewal failure (after the client's own retries) backs off with full jitter
-  (at least 0.5 s); a failed new login backs off too (at least 1 s). Nothing is retried at
-  once, so an unreachable Vault costs no CPU; the process-wide request cap applies as well.
+- A renewal is one request; a transient failure backs off with full jitter (at least 1 s,
+  growing to the policy's cap); a failed new login backs off too (at least 1 s). Nothing is
+  retried at once, so an unreachable Vault costs no CPU; the process-wide request cap holds.
 - An expired token is forgotten; an expired or unrenewable current login is replaced.
 - A token Vault refuses (403: revoked or expired) is dropped; if it was the current login, the
   keeper logs in again.
@@ -27,8 +27,10 @@ from dataclasses import dataclass
 from broker import logs
 from broker.errors import BrokerError, PermissionDenied, VaultError
 from broker.vault import Login, VaultClient, deadline, lookup_self, renew_self, revoke_self
+from broker.vault.retry import single_attempt
 
 RENEW_AT = 2 / 3
+RENEWAL_BACKOFF_SHIFT = 3  # renewal retries start where a request's 4th retry would (≤ 0.8 s)
 LoginFunction = Callable[[], Awaitable[Login]]
 Observer = Callable[[str, str], None]  # (what, result): ("login", "ok"), ("renewal", "failed")
 
@@ -208,7 +210,8 @@ class TokenKeeper:
 
     async def _renew(self, token: HeldToken) -> None:
         try:
-            with deadline(max(0.5, token.expires - time.monotonic())):  # no use after it ends
+            # One attempt; the keeper's own backoff (below) spaces the next ones out.
+            with deadline(max(0.5, token.expires - time.monotonic())), single_attempt():
                 ttl = await renew_self(token.client)
         except PermissionDenied:
             self._observe("renewal", "refused")
@@ -218,7 +221,7 @@ class TokenKeeper:
         except VaultError as exc:
             self._observe("renewal", "failed")
             token.failures += 1
-            pause = max(self._client.policy.backoff(token.failures), 0.5)
+            pause = max(self._client.policy.backoff(token.failures + RENEWAL_BACKOFF_SHIFT), 1.0)
             token.retry_at = time.monotonic() + pause  # never in the past: no spinning
             logs.event("token renewal failed", accessor=token.accessor, error=str(exc))
             return
@@ -253,21 +256,29 @@ class TokenKeeper:
 
     # --- checks and the end -------------------------------------------------------------------
 
-    async def verify(self) -> bool:
-        """Does Vault still accept the current login? Logs in again if it was refused."""
+    async def check(self) -> str:
+        """``"ok"`` if Vault accepts the current login now; else why not: a fault's kind
+        (``sealed``, ``unreachable``, ``timeout``, …) or ``token refused``. A refused login is
+        replaced first if it can be."""
         token = self.current
         if token is None:
-            return False
+            return "not logged in"
         try:
             await lookup_self(token.client)
         except PermissionDenied:
             if token.given or self._login is None:
-                return False
+                return "token refused"
+            logs.event(
+                "login refused by Vault: logging in again", level=30, accessor=token.accessor
+            )
+            self._drop(token)
             await self._relogin_step(token)
-            return self.current is not token
-        except VaultError:
-            return False
-        return True
+            return (
+                "ok" if self.current is not None and self.current is not token else "token refused"
+            )
+        except VaultError as exc:
+            return str(exc.kind)
+        return "ok"
 
     async def revoke(self, token: HeldToken) -> bool:
         """Revoke ``token`` now (``run``: the login is the execution's lease) and forget it."""

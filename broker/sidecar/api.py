@@ -27,6 +27,7 @@ from broker.errors import (
     PermissionDenied,
     RenderError,
     ResolveError,
+    ShuttingDown,
     ValidationError,
     VaultUnavailable,
 )
@@ -38,12 +39,13 @@ from broker.sidecar.registry import Registry
 
 PEER_UID = web.RequestKey("peer_uid", int)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-Readiness = Callable[[], bool]
+Readiness = Callable[[], tuple[bool, str]]  # (ready, Vault's state: ok, sealed, …)
 STATUS: list[tuple[type[BrokerError], int]] = [  # most specific first
     (ClaimConflict, 409),
     (ExecutionGone, 410),
     (ContextExpired, 410),
     (ExecutionUnknown, 404),
+    (ShuttingDown, 503),
     (ContextNotFound, 404),
     (ResolveError, 422),
     (ValidationError, 400),
@@ -135,14 +137,15 @@ def build_app(
 
 
 def add_probes(app: web.Application, registry: Registry, ready: Readiness) -> None:
-    """``/healthz`` (process alive) and ``/readyz`` (Vault accepts the sidecar's login)."""
+    """``/healthz`` (process alive) and ``/readyz`` (Vault accepts the sidecar's login, as of
+    the last check: see ``health``)."""
 
     async def healthz(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
     async def readyz(request: web.Request) -> web.Response:
-        is_ready = ready()
-        body = {"ready": is_ready, "active_executions": len(registry.active())}
+        is_ready, vault = ready()
+        body = {"ready": is_ready, "vault": vault, "active_executions": len(registry.active())}
         return web.json_response(body, status=200 if is_ready else 503)
 
     app.router.add_get("/healthz", healthz)

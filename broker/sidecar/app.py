@@ -4,7 +4,8 @@ Startup: check the output root (the broker's own, with ACL support for other cal
 (bounded by the startup timeout; nothing is rendered before it succeeds), open the socket
 (0660; peers refused at ``accept``, see ``gate``) and the metrics port, serve.
 Background work (token renewal, the lease watch) runs beside it; if one of those crashes, the
-sidecar shuts down and exits non-zero. Shutdown on SIGTERM/SIGINT: stop accepting, end every
+sidecar shuts down and exits non-zero. Shutdown on SIGTERM/SIGINT: stop accepting, cancel the
+preparations in flight (each gives back its lease and claim; its caller gets 503), end every
 active execution (shielded), revoke the logins, exit 0. A second signal exits at once.
 """
 
@@ -30,6 +31,7 @@ from broker.limits import CONTEXTS, Limits
 from broker.render.outdir import OutputRoot
 from broker.sidecar.api import build_app, build_metrics_app
 from broker.sidecar.gate import PeerGate
+from broker.sidecar.health import VaultHealth
 from broker.sidecar.metrics import Metrics
 from broker.sidecar.peers import default_allowed_uids
 from broker.sidecar.registry import Registry, Retention
@@ -48,6 +50,7 @@ class SidecarSettings:
     allow_secret_in_args: bool = False
     startup_timeout: float = 30.0
     lease_check_interval: float = 15.0
+    vault_check_interval: float = 5.0
     shutdown_timeout: float = 10.0
     login_max_ttl: float = 2 * 3600
     deadline: float = 60.0
@@ -138,9 +141,10 @@ async def serve(client: VaultClient, layout: Layout, settings: SidecarSettings) 
     await core.keeper.start(settings.startup_timeout)
     registry = Registry(core, metrics, settings.retention, settings.share_executions)
 
-    def ready() -> bool:
-        token = core.keeper.current
-        return token is not None and token.expires > time.monotonic()
+    health = VaultHealth(core.keeper, settings.vault_check_interval, metrics.vault_ready.set)
+
+    def ready() -> tuple[bool, str]:
+        return health.ready(), health.state
 
     allowed: set[int] = set(settings.allow_uids)
     app_runner = web.AppRunner(
@@ -162,6 +166,7 @@ async def serve(client: VaultClient, layout: Layout, settings: SidecarSettings) 
     background = [
         asyncio.create_task(core.keeper.run(), name="token-keeper"),
         asyncio.create_task(registry.watch_leases(settings.lease_check_interval), name="leases"),
+        asyncio.create_task(health.run(), name="vault-health"),
     ]
     _watch(background, stop, crashed)
     logs.event("sidecar ready", socket=str(settings.socket), tenant=settings.tenant,
@@ -183,6 +188,10 @@ async def _shutdown(
 ) -> None:
     started = time.monotonic()
     await gate.close()  # stop accepting
+    try:  # what waits on Vault is cancelled and gives back what it acquired
+        await asyncio.wait_for(registry.stop_preparing(), settings.shutdown_timeout)
+    except TimeoutError:
+        logs.event("shutdown: some preparations did not give back in time", level=30)
     try:
         await asyncio.wait_for(registry.end_all("shutdown"), settings.shutdown_timeout)
     except TimeoutError:

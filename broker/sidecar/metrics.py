@@ -52,6 +52,12 @@ class Metrics:
         self.denied_peers = Counter(
             "stigmer_broker_denied_peers", "Socket connections refused by peer uid", registry=r
         )
+        self.vault_ready = Gauge(
+            "stigmer_broker_vault_ready",
+            "1 if the last check found Vault usable with the sidecar's login (see /readyz)",
+            registry=r,
+        )
+        self.vault_ready.set(1)
         self.claim_conflicts = Counter(
             "stigmer_broker_claim_conflicts",
             "Claims refused because another holds them",

@@ -24,6 +24,7 @@ from broker.errors import (
     ClaimConflict,
     ExecutionGone,
     ExecutionUnknown,
+    ShuttingDown,
     VaultError,
 )
 from broker.execution.cleanup import Cleanup
@@ -94,6 +95,8 @@ class Registry:
         self._active: dict[str, Record] = {}
         self._ended: OrderedDict[str, Record] = OrderedDict()
         self._retries: dict[str, tuple[asyncio.Task[None], Execution, Cleanup]] = {}
+        self._preparing: dict[str, asyncio.Task[None]] = {}
+        self._stopping = False
 
     @property
     def tenant(self) -> str:
@@ -139,6 +142,8 @@ class Registry:
     async def prepare(self, execution_id: str, uid: int) -> tuple[bool, Record]:
         """Prepare for caller ``uid``; (created, record). Repeating it is idempotent."""
         names.execution_id(execution_id)
+        if self._stopping:
+            raise ShuttingDown(execution_id, "the sidecar is shutting down")
         if execution_id in self._ended:
             raise ExecutionGone(execution_id, "has ended here; its context is destroyed")
         existing = self._active.get(execution_id)
@@ -149,9 +154,26 @@ class Registry:
         started = time.perf_counter()
         # Its own task: a caller that goes away does not stop a preparation halfway.
         task = asyncio.ensure_future(self._prepare(record, uid))
+        self._preparing[execution_id] = task
         task.add_done_callback(lambda done: self._prepared(record, started, done))
-        await asyncio.shield(task)
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if self._stopping and task.cancelled():
+                raise ShuttingDown(execution_id, "stopped: the sidecar is shutting down") from None
+            raise
         return True, record
+
+    async def stop_preparing(self) -> None:
+        """At shutdown: refuse new preparations and cancel those in flight. Each gives back
+        what it acquired (lease, claim, files); nothing is rendered after this returns."""
+        self._stopping = True
+        tasks = list(self._preparing.values())
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            logs.event("shutdown: preparations cancelled", executions=sorted(self._preparing))
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _existing(self, record: Record, uid: int) -> Record:
         if record.owner_uid != uid:
@@ -173,6 +195,7 @@ class Registry:
             )
 
     def _prepared(self, record: Record, started: float, task: asyncio.Future[None]) -> None:
+        self._preparing.pop(record.id, None)
         record.ready.set()
         error = None if task.cancelled() else task.exception()
         if task.cancelled() or error is not None:
@@ -225,7 +248,7 @@ class Registry:
             if record.timer is not None:
                 record.timer.cancel()
             if lease_gone:
-                await self._core.keeper.verify()  # the login may be gone too: log in again
+                await self._core.keeper.check()  # the login may be gone too: log in again
             execution = record.execution
             cleanup = await asyncio.shield(self._core.end(execution, lease_gone))
             self._ended_as(record, cleanup, reason, State.FAILED if lease_gone else State.ENDED)

@@ -31,7 +31,14 @@ from broker.errors import (
     VaultUnavailable,
 )
 from broker.vault import transport as wire
-from broker.vault.retry import LIMITER, RequestLimiter, RetryPolicy, Safety, current_deadline
+from broker.vault.retry import (
+    LIMITER,
+    RequestLimiter,
+    RetryPolicy,
+    Safety,
+    current_deadline,
+    retries_allowed,
+)
 from broker.vault.tls import ssl_context
 
 MAX_ANSWER_BYTES = 32 * 1024 * 1024
@@ -214,6 +221,8 @@ class VaultClient:
         return headers
 
     def _should_retry(self, error: VaultError, safety: Safety, attempt: int, until: float) -> bool:
+        if not retries_allowed():
+            return False
         return self._shared.policy.may_retry(error, safety) and time.monotonic() < until
 
     async def _pause(self, error: VaultError, attempt: int, until: float) -> None:

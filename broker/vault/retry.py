@@ -28,6 +28,9 @@ from broker.errors import Fault, VaultError, VaultUnavailable
 _deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar(
     "vault_deadline", default=None
 )
+_single_attempt: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "vault_single_attempt", default=False
+)
 
 
 class Safety(Enum):
@@ -71,6 +74,21 @@ def deadline(seconds: float) -> Iterator[float]:
         yield at
     finally:
         _deadline.reset(token)
+
+
+@contextmanager
+def single_attempt() -> Iterator[None]:
+    """Vault calls awaited inside are tried once: the caller has its own, slower backoff
+    (token renewal: a fleet of sidecars must not retry in step against a recovering Vault)."""
+    token = _single_attempt.set(True)
+    try:
+        yield
+    finally:
+        _single_attempt.reset(token)
+
+
+def retries_allowed() -> bool:
+    return not _single_attempt.get()
 
 
 def current_deadline(policy: RetryPolicy) -> float:
