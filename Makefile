@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test lint typecheck unit pytest clean bench bench-memory
+.PHONY: venv demo test lint typecheck unit pytest clean bench bench-memory bench-faults
 
 venv: $(STAMP)
 
@@ -44,3 +44,7 @@ bench: venv
 # Does the sidecar forget? RSS after 100 vs 10,000 prepare/end cycles (several minutes).
 bench-memory: venv
 	$(BIN)/python -m bench.memory
+
+# Recovery from Vault faults: 503 for 20 s, 429 Retry-After 7, a killed Raft leader (~2 min).
+bench-faults: venv
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m bench.faults

@@ -78,7 +78,7 @@ class Vault:
         return self.server.identity_key
 
     def settings(self, with_token: bool = True) -> VaultSettings:
-        return VaultSettings.local(self.server.addr, self.server.token if with_token else "")
+        return self.server.settings(with_token)
 
     def client(self, with_token: bool = True) -> VaultClient:
         """A new client (the caller closes it with ``await client.aclose()``)."""
@@ -98,7 +98,7 @@ class Vault:
 
 async def _bootstrap(running: server.DevServer) -> None:
     identity.create_key(running.identity_key)
-    admin = VaultClient(VaultSettings.local(running.addr, running.token))
+    admin = VaultClient(running.settings())
     try:
         jwt = JwtSettings(public_keys=(identity.public_pem(running.identity_key),))
         await Bootstrap(admin, Layout()).run(

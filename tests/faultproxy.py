@@ -201,16 +201,24 @@ class FaultProxy:
     async def _forward(
         self, method: str, target: str, headers: list[tuple[bytes, bytes]], body: bytes
     ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
-        reader, writer = await asyncio.open_connection(*self._upstream)
+        upstream_socket = socket.socket()
+        upstream_socket.setblocking(False)
+        try:  # connect by hand: a connect cancelled at stop() must still close its socket
+            await asyncio.get_running_loop().sock_connect(upstream_socket, self._upstream)
+            reader, writer = await asyncio.open_connection(sock=upstream_socket)
+        except BaseException:
+            upstream_socket.close()
+            raise
         upstream = h11.Connection(h11.CLIENT)
         sent = [(k, v) for k, v in headers if k.lower() not in HOP_BY_HOP]
         sent.append((b"Content-Length", str(len(body)).encode()))
-        writer.write(upstream.send(h11.Request(method=method, target=target, headers=sent)) or b"")
-        if body:
-            writer.write(upstream.send(h11.Data(data=body)) or b"")
-        writer.write(upstream.send(h11.EndOfMessage()) or b"")
         status, answer_headers, chunks = 0, [], []
         try:
+            request = h11.Request(method=method, target=target, headers=sent)
+            writer.write(upstream.send(request) or b"")
+            if body:
+                writer.write(upstream.send(h11.Data(data=body)) or b"")
+            writer.write(upstream.send(h11.EndOfMessage()) or b"")
             while True:
                 event = upstream.next_event()
                 if event is h11.NEED_DATA:

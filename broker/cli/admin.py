@@ -25,6 +25,7 @@ from broker.errors import ConfigError
 if TYPE_CHECKING:
     from broker.control.setup import AppRoleSettings, Change, JwtSettings, KubernetesSettings
     from broker.policies import IdentitySources
+    from broker.vault import VaultClient
 
 
 def _changes_document(changes: list[Change]) -> dict[str, object]:
@@ -47,20 +48,53 @@ def _print_changes(changes: list[Change], output: str, summary: bool = True) -> 
 # --- setup ----------------------------------------------------------------------------------
 
 
-def _jwt_settings(args: argparse.Namespace) -> JwtSettings:
+async def _jwt_settings(args: argparse.Namespace, client: VaultClient) -> JwtSettings:
+    """Where Vault gets the issuer's keys: PEM files, a JWKS file, a JWKS URL, an OIDC
+    discovery URL, or (dev servers, or with --dev) the dev identity key."""
+    from broker.control.jwks import pem_keys
     from broker.control.setup import JwtSettings
     from broker.dev import identity
 
+    common = {"issuer": args.jwt_issuer, "audience": args.jwt_audience,
+              "reaper_namespace": args.reaper_namespace}  # fmt: skip
+    ca = read_text("--jwks-ca-cert", Path(args.jwks_ca_cert)) if args.jwks_ca_cert else ""
+    if ca and not (args.jwks_url or args.oidc_discovery_url):
+        raise ConfigError("--jwks-ca-cert goes with --jwks-url or --oidc-discovery-url")
     if args.jwt_public_key:
         keys = tuple(read_text("--jwt-public-key", Path(p)) for p in args.jwt_public_key)
-    else:
-        key = identity_key(args)
-        if not key.exists():
-            identity.create_key(key)
-            print(f"created    dev identity key {key}", file=sys.stderr)
-        keys = (identity.public_pem(key),)
-    return JwtSettings(public_keys=keys, issuer=args.jwt_issuer, audience=args.jwt_audience,
-                       reaper_namespace=args.reaper_namespace)  # fmt: skip
+        return JwtSettings(public_keys=keys, **common)
+    if args.jwks_file:
+        text = read_text("--jwks-file", Path(args.jwks_file))
+        return JwtSettings(public_keys=pem_keys(text, f"--jwks-file {args.jwks_file}"), **common)
+    if args.jwks_url or args.oidc_discovery_url:
+        for flag, url in (
+            ("--jwks-url", args.jwks_url),
+            ("--oidc-discovery-url", args.oidc_discovery_url),
+        ):
+            if url and not url.startswith(("https://", "http://")):
+                raise ConfigError(f"{flag} {url!r}: not an http(s) URL")
+        return JwtSettings(jwks_url=args.jwks_url or "", ca_pem=ca,
+                           oidc_discovery_url=args.oidc_discovery_url or "", **common)  # fmt: skip
+    if not args.dev and not await _is_dev_server(client):
+        raise ConfigError(
+            "refusing to install the dev identity key into a server that is not a dev server",
+            hint="give the cluster's service-account issuer: --jwks-file (kubectl get --raw "
+            "/openid/v1/jwks), --jwks-url, --oidc-discovery-url or --jwt-public-key; "
+            "--dev accepts the dev key anyway",
+        )
+    key = identity_key(args)
+    if not key.exists():
+        identity.create_key(key)
+        print(f"created    dev identity key {key}", file=sys.stderr)
+    return JwtSettings(public_keys=(identity.public_pem(key),), **common)
+
+
+async def _is_dev_server(client: VaultClient) -> bool:
+    """`bao server -dev` keeps everything in memory; nothing else should."""
+    status = await client.request(
+        "GET", "sys/seal-status", operation="seal-status", authenticated=False
+    )
+    return bool(status.get("storage_type") == "inmem")
 
 
 def _optional_methods(
@@ -89,8 +123,8 @@ async def setup(args: argparse.Namespace) -> int:
     from broker.control.setup import Bootstrap
 
     async with vault() as client:  # settings first: a bad invocation creates nothing
-        jwt = _jwt_settings(args)
         kubernetes, approle = _optional_methods(args)
+        jwt = await _jwt_settings(args, client)
         changes = await Bootstrap(client, Layout.from_env()).run(
             args.tenant or [], jwt, kubernetes, approle
         )
@@ -239,11 +273,35 @@ def _setup_flags(p: argparse.ArgumentParser) -> None:
     from broker.dev import DEFAULT_AUDIENCE, DEFAULT_ISSUER
 
     p.add_argument("--tenant", action="append", help="create the tenant's Transit key")
-    p.add_argument(
+    keys = p.add_mutually_exclusive_group()
+    keys.add_argument(
         "--jwt-public-key",
         action="append",
         metavar="PEM_FILE",
-        help="service-account issuer public key (default: the dev identity's)",
+        help="service-account issuer public key (default on a dev server: the dev identity's)",
+    )
+    keys.add_argument(
+        "--jwks-file",
+        metavar="FILE",
+        help="the issuer's keys as JWKS, e.g. `kubectl get --raw /openid/v1/jwks`",
+    )
+    keys.add_argument(
+        "--jwks-url", metavar="URL", help="Vault fetches the issuer's JWKS itself (rotation-proof)"
+    )
+    keys.add_argument(
+        "--oidc-discovery-url",
+        metavar="URL",
+        help="the issuer's OIDC discovery base URL (Vault reads .well-known/openid-configuration)",
+    )
+    p.add_argument(
+        "--jwks-ca-cert",
+        metavar="PEM_FILE",
+        help="CA of the --jwks-url/--oidc-discovery-url server",
+    )
+    p.add_argument(
+        "--dev",
+        action="store_true",
+        help="accept the dev identity key on a server that is not a dev server",
     )
     p.add_argument("--jwt-issuer", default=DEFAULT_ISSUER, help="the tokens' iss claim")
     p.add_argument("--jwt-audience", default=DEFAULT_AUDIENCE, help="the tokens' aud claim")

@@ -22,13 +22,13 @@ def identity_key(args: argparse.Namespace) -> Path:
 
 
 async def up(args: argparse.Namespace) -> int:
-    from broker.config import Layout, VaultSettings
+    from broker.config import Layout
     from broker.control.setup import Bootstrap, JwtSettings
     from broker.dev import identity, server
     from broker.vault import VaultClient
 
-    running = server.start(Path(args.state_dir), args.addr)
-    client = VaultClient(VaultSettings.local(running.addr, running.token))
+    running = server.start(Path(args.state_dir), args.addr, tls=args.tls)
+    client = VaultClient(running.settings())
     try:
         identity.create_key(running.identity_key)
         jwt = JwtSettings(public_keys=(identity.public_pem(running.identity_key),))
@@ -76,6 +76,11 @@ def register(commands: Group) -> None:
     p.add_argument("--addr", help="listen address (default: 127.0.0.1 and a free port)")
     p.add_argument("--state-dir", default=DEFAULT_STATE_DIR, help="server state and env file")
     p.add_argument("--tenant", action="append", help="tenants to create keys for (default: demo)")
+    p.add_argument(
+        "--tls",
+        action="store_true",
+        help="serve https with a CA the server generates (the env file sets VAULT_CACERT)",
+    )
     add_output(p)
     p = command(dev, "down", down, "stop the dev server started from --state-dir",
                 "stigmer-broker dev down")  # fmt: skip

@@ -13,7 +13,7 @@ from typing import Any
 from broker import names, policies
 from broker.config import Layout
 from broker.dev import DEFAULT_AUDIENCE, DEFAULT_ISSUER, SERVICE_ACCOUNT
-from broker.errors import ConfigError, NotFound
+from broker.errors import ConfigError, Fault, NotFound, VaultError
 from broker.policies import IdentitySources
 from broker.vault import Transit, VaultClient
 
@@ -37,7 +37,13 @@ class TokenLimits:
 
 @dataclass(frozen=True)
 class JwtSettings:
-    public_keys: tuple[str, ...]
+    """How Vault checks service-account JWTs: PEM keys, or a JWKS URL / OIDC discovery URL
+    that Vault fetches itself (key rotation then needs no setup run)."""
+
+    public_keys: tuple[str, ...] = ()
+    jwks_url: str = ""
+    oidc_discovery_url: str = ""
+    ca_pem: str = ""  # the CA of the JWKS / discovery URL's server (e.g. the API server's)
     issuer: str = DEFAULT_ISSUER
     audience: str = DEFAULT_AUDIENCE
     service_account: str = SERVICE_ACCOUNT
@@ -138,11 +144,25 @@ class Bootstrap:
         mount = self.layout.jwt_mount
         accessor = await self._auth_mount(mount, "jwt")
         keys = [k.strip() for k in settings.public_keys]
-        await self._upsert(
-            f"jwt config auth/{mount}/config",
-            f"auth/{mount}/config",
-            {"jwt_validation_pubkeys": keys, "bound_issuer": settings.issuer},
-        )
+        config = {  # exactly one source; the others cleared (a write replaces the config)
+            "jwt_validation_pubkeys": keys,
+            "jwks_url": settings.jwks_url,
+            "jwks_ca_pem": settings.ca_pem if settings.jwks_url else "",
+            "oidc_discovery_url": settings.oidc_discovery_url,
+            "oidc_discovery_ca_pem": settings.ca_pem if settings.oidc_discovery_url else "",
+            "bound_issuer": settings.issuer,
+        }
+        source = settings.jwks_url or settings.oidc_discovery_url or "the public keys"
+        try:
+            await self._upsert(f"jwt config auth/{mount}/config", f"auth/{mount}/config", config)
+        except VaultError as exc:
+            if exc.kind is not Fault.INVALID:
+                raise
+            raise ConfigError(
+                f"Vault refused the issuer's keys from {source}: {exc.detail or 'invalid'}",
+                hint="can Vault reach the URL (and trust its CA: --jwks-ca-cert)? is it the "
+                "issuer's JWKS or discovery base URL?",
+            ) from None
         leeway = settings.leeway_seconds
         role = {
             "role_type": "jwt",

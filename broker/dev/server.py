@@ -7,11 +7,13 @@ export lines a shell needs.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import secrets
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -21,6 +23,7 @@ from pathlib import Path
 from string import Template
 
 from broker import dev
+from broker.config import VaultSettings
 from broker.dev.datafiles import data_dir
 from broker.errors import ConfigError
 
@@ -37,6 +40,7 @@ class DevServer:
     token: str = field(repr=False)
     pid: int
     state_dir: Path
+    cacert: str = ""  # -dev-tls: the CA the server generated (its certificate's issuer)
 
     @property
     def identity_key(self) -> Path:
@@ -46,12 +50,20 @@ class DevServer:
     def audit_log(self) -> Path:
         return self.state_dir / AUDIT_LOG
 
+    def settings(self, with_token: bool = True) -> VaultSettings:
+        """How a client reaches this server (its CA too, under -dev-tls)."""
+        local = VaultSettings.local(self.addr, self.token if with_token else "")
+        return dataclasses.replace(local, cacert=self.cacert)
+
     def environ(self) -> dict[str, str]:
-        return {
+        environ = {
             "VAULT_ADDR": self.addr,
             "VAULT_TOKEN": self.token,
             "STIGMER_DEV_IDENTITY_KEY": str(self.identity_key),
         }
+        if self.cacert:
+            environ["VAULT_CACERT"] = self.cacert
+        return environ
 
 
 def find_binary() -> str:
@@ -99,31 +111,43 @@ def _is_our_server(pid: int, state_dir: Path) -> bool:
     return f"-config={state_dir / 'server.hcl'}".encode() in argv
 
 
-def healthy(addr: str) -> bool:
+def healthy(addr: str, cacert: str = "") -> bool:
     """True once the server answers ``/v1/sys/health`` as initialized, unsealed and active."""
+    url = f"{addr}/v1/sys/health"
+    context = ssl.create_default_context(cafile=cacert) if cacert else None
     try:
-        with urllib.request.urlopen(f"{addr}/v1/sys/health", timeout=1) as answer:  # noqa: S310
+        with urllib.request.urlopen(url, timeout=1, context=context) as answer:  # noqa: S310
             return bool(answer.status == 200)
     except (OSError, ValueError):
         return False
 
 
-def _wait_healthy(addr: str, process: subprocess.Popen[bytes], deadline: float) -> None:
+def _wait_healthy(
+    addr: str, process: subprocess.Popen[bytes], deadline: float, cacert: str = ""
+) -> None:
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise ConfigError(
                 f"the dev server exited with code {process.returncode}; see server.log"
             )
-        if healthy(addr):
+        if (cacert == "" or Path(cacert).exists()) and healthy(addr, cacert):
             return
         time.sleep(0.05)
     raise ConfigError("the dev server did not become healthy within the deadline; see server.log")
 
 
 def start(
-    state_dir: Path = DEFAULT_STATE_DIR, addr: str | None = None, timeout: float = 30.0
+    state_dir: Path = DEFAULT_STATE_DIR,
+    addr: str | None = None,
+    timeout: float = 30.0,
+    tls: bool = False,
+    extra_config: str = "",
 ) -> DevServer:
-    """Start ``bao server -dev`` in the background and wait until it is healthy."""
+    """Start ``bao server -dev`` in the background and wait until it is healthy.
+
+    ``tls``: ``-dev-tls``: the server generates a CA and a certificate for 127.0.0.1 and
+    localhost into ``<state_dir>/tls``; the env file then sets ``VAULT_CACERT``.
+    ``extra_config``: HCL appended to the server's config (e.g. another listener)."""
     state_dir = state_dir.resolve()
     pid_file = state_dir / "server.pid"
     if pid_file.exists() and _alive(int(pid_file.read_text() or 0)):
@@ -135,11 +159,16 @@ def start(
     config = state_dir / "server.hcl"
     audit = state_dir / AUDIT_LOG
     template = (data_dir("vault-dev", "server.hcl") / "server.hcl").read_text()
-    config.write_text(Template(template).substitute(audit_log=audit))
+    config.write_text(Template(template).substitute(audit_log=audit) + extra_config)
     binary = find_binary()
     environ = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
     environ.update(BAO_DEV_ROOT_TOKEN_ID=token, VAULT_DEV_ROOT_TOKEN_ID=token)
     log = open(state_dir / "server.log", "wb")  # noqa: SIM115 - handed to the child
+    tls_dir = state_dir / "tls"
+    tls_flags = ["-dev-tls", f"-dev-tls-cert-dir={tls_dir}"] if tls else []
+    if tls:
+        shutil.rmtree(tls_dir, ignore_errors=True)
+        tls_dir.mkdir(mode=0o700)
     process = subprocess.Popen(
         # -dev-no-store-token: never touch the user's ~/.vault-token (and no race between
         # servers started in parallel over its temp file).
@@ -149,6 +178,7 @@ def start(
             "-dev",
             "-dev-no-store-token",
             f"-dev-listen-address={listen}",
+            *tls_flags,
             f"-config={config}",
         ],
         stdin=subprocess.DEVNULL,
@@ -158,9 +188,10 @@ def start(
         start_new_session=True,
     )
     log.close()
-    server = DevServer(addr=f"http://{listen}", token=token, pid=process.pid, state_dir=state_dir)
+    scheme, cacert = ("https", str(tls_dir / "vault-ca.pem")) if tls else ("http", "")
+    server = DevServer(f"{scheme}://{listen}", token, process.pid, state_dir, cacert)
     try:
-        _wait_healthy(server.addr, process, time.monotonic() + timeout)
+        _wait_healthy(server.addr, process, time.monotonic() + timeout, cacert)
     except ConfigError:
         process.kill()
         process.wait()

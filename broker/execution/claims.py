@@ -20,6 +20,8 @@ any other claimant waits for the reaper.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -98,8 +100,13 @@ async def claim(
             _refused(execution_id, claimant, current)
     remaining = (expires_at - now).total_seconds() if expires_at else 3600.0
     custom = {**record, "expires_at": expires_at.isoformat() if expires_at else ""}
-    await kv.write_metadata(path, max_versions=1, custom=custom,
-                            delete_version_after=f"{math.ceil(remaining) + GRACE}s")  # fmt: skip
+    try:
+        after = f"{math.ceil(remaining) + GRACE}s"
+        await kv.write_metadata(path, max_versions=1, custom=custom, delete_version_after=after)
+    except BaseException:  # a claim nobody can attribute would block the execution for ever
+        with contextlib.suppress(VaultError):
+            await asyncio.shield(kv.destroy(path))
+        raise
 
 
 async def _ours(kv: KV, path: str, claimant: Claimant) -> bool:

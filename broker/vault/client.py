@@ -55,14 +55,16 @@ KNOWN_ERRORS: tuple[tuple[str, str], ...] = (
     ("invalid issuer", "wrong issuer"),
     ("invalid subject", "a claim is not allowed by the role"),
     ("no known key successfully validated", "signed by a key Vault does not know"),
+    ("failed to verify id token signature", "signed by a key Vault does not know"),
     ("is missing", "a required claim is missing"),
     ("does not match any associated bound claim values", "a claim is not allowed by the role"),
     ("could not be found", "the role does not exist"),
     ("invalid secret id", "invalid secret_id"),
     ("invalid role or secret id", "invalid role_id or secret_id"),
     ("error validating token", "the token is invalid"),
+    ("error checking jwks URL", "Vault could not fetch or use the JWKS URL"),
+    ("error checking oidc discovery URL", "Vault could not fetch the OIDC discovery document"),
     ("Vault is sealed", "sealed"),
-    ("Client sent an HTTP request to an HTTPS server", "https server"),
     ("permission denied", "permission denied"),
 )
 
@@ -267,11 +269,26 @@ class VaultClient:
                     origin, method, target, headers, payload, timeout, MAX_ANSWER_BYTES
                 )
             except wire.TransportError as exc:
+                if isinstance(exc, wire.Dropped) and await self._speaks_https(origin):
+                    raise _https_port(op, path) from None
                 raise _transport_error(op, path, exc, origin) from None
             if response.status != 307:
                 return _answer(op, path, response)
             origin = self._redirect_target(op, path, response)
         raise VaultUnavailable(op, path, Fault.STANDBY, detail="too many redirects")
+
+    async def _speaks_https(self, origin: wire.Origin) -> bool:
+        """Does an http:// address lead to an HTTPS port? (It closes the connection on a LIST or
+        DELETE; a GET gets a 400 that says so.) Asked only after a dropped connection."""
+        if origin.scheme != "http":
+            return False
+        try:
+            answer = await self._shared.transport.request(
+                origin, "GET", "/v1/sys/health", [], b"", 2.0, 4096
+            )
+        except wire.TransportError:
+            return False
+        return answer.status == 400 and _HTTPS_PORT in answer.body
 
     def _redirect_target(self, op: str, path: str, response: wire.Response) -> wire.Origin:
         target = wire.Origin.parse(response.headers.get("location", ""))
@@ -343,9 +360,19 @@ def _transport_error(
     return VaultUnavailable(op, path, Fault.UNKNOWN_OUTCOME, detail=exc.detail, sent=exc.sent)
 
 
+_HTTPS_PORT = b"HTTP request to an HTTPS server"
+
+
+def _https_port(op: str, path: str) -> VaultConfigError:
+    hint = "the server speaks HTTPS: use https:// in VAULT_ADDR"
+    return VaultConfigError(op, path, Fault.ADDRESS, "plain HTTP sent to an HTTPS port", hint)
+
+
 def _decode(op: str, path: str, response: wire.Response) -> dict[str, Any]:
     if not response.body:
         return {}
+    if response.status == 400 and _HTTPS_PORT in response.body:  # Go's answer, not JSON
+        raise _https_port(op, path)
     try:
         answer = json.loads(response.body)
     except (ValueError, RecursionError):
@@ -373,9 +400,6 @@ def _status_error(
         return Conflict(op, path, Fault.CONFLICT, status)
     if status == 400 and known == "too large":
         return RequestTooLarge(op, path, Fault.TOO_LARGE, status)
-    if status == 400 and known == "https server":
-        hint = "the server speaks HTTPS: use https:// in VAULT_ADDR"
-        return VaultConfigError(op, path, Fault.ADDRESS, "plain HTTP sent to an HTTPS port", hint)
     if status in (401, 403):
         return PermissionDenied(op, path, Fault.FORBIDDEN, status, known)
     if status == 404:

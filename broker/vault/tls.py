@@ -1,7 +1,7 @@
 """The TLS context for Vault, built from the same settings the Vault CLI reads.
 
-``VAULT_CACERT`` (a PEM bundle) and ``VAULT_CAPATH`` (a directory of CA certificates) replace the
-system trust store, as they do for the Vault CLI; ``VAULT_CLIENT_CERT``/``VAULT_CLIENT_KEY``
+``VAULT_CACERT`` (a PEM bundle) and ``VAULT_CAPATH`` (a directory of PEM files, every one loaded,
+as the Vault CLI does) replace the system trust store; ``VAULT_CLIENT_CERT``/``VAULT_CLIENT_KEY``
 present a client certificate; ``VAULT_SKIP_VERIFY`` turns verification off (never in
 production). ``VAULT_TLS_SERVER_NAME`` is applied by the transport (SNI and hostname check).
 """
@@ -9,6 +9,7 @@ production). ``VAULT_TLS_SERVER_NAME`` is applied by the transport (SNI and host
 from __future__ import annotations
 
 import ssl
+from pathlib import Path
 
 from broker.config import VaultSettings
 from broker.errors import ConfigError
@@ -20,13 +21,18 @@ def ssl_context(settings: VaultSettings) -> ssl.SSLContext | None:
         return None
     custom_ca = bool(settings.cacert or settings.capath)
     try:
-        context = (
-            ssl.create_default_context(
-                cafile=settings.cacert or None, capath=settings.capath or None
-            )
-            if custom_ca
-            else ssl.create_default_context()
-        )
+        if custom_ca:
+            context = ssl.create_default_context(cafile=settings.cacert or None)
+            for certificate in _ca_files(settings.capath):
+                try:
+                    context.load_verify_locations(cafile=certificate)
+                except ssl.SSLError:
+                    raise ConfigError(
+                        f"VAULT_CAPATH: {certificate} is not a PEM certificate",
+                        hint="VAULT_CAPATH must hold CA certificates only",
+                    ) from None
+        else:
+            context = ssl.create_default_context()
         if settings.client_cert:
             context.load_cert_chain(settings.client_cert, settings.client_key)
     except (OSError, ssl.SSLError) as exc:
@@ -38,6 +44,19 @@ def ssl_context(settings: VaultSettings) -> ssl.SSLContext | None:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     return context
+
+
+def _ca_files(capath: str) -> list[str]:
+    """Every file in ``VAULT_CAPATH``, as the Vault CLI loads it (no ``c_rehash`` names needed)."""
+    if not capath:
+        return []
+    directory = Path(capath)
+    if not directory.is_dir():
+        raise ConfigError(f"VAULT_CAPATH {capath}: not a directory")
+    files = sorted(str(p) for p in directory.iterdir() if p.is_file())
+    if not files:
+        raise ConfigError(f"VAULT_CAPATH {capath}: holds no certificate files")
+    return files
 
 
 def _why(error: Exception) -> str:

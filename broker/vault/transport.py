@@ -202,6 +202,11 @@ class Transport:
         except TransportError:
             _discard(connection)
             raise
+        except ssl.SSLError as exc:
+            _discard(connection)
+            if "ALERT" in (exc.reason or ""):  # the server refused us in the handshake
+                raise TLSFailed(_ssl_detail(exc)) from None
+            raise Dropped(f"connection broke ({type(exc).__name__})", sent=True) from None
         except (OSError, h11.ProtocolError, asyncio.IncompleteReadError) as exc:
             _discard(connection)
             raise Dropped(f"connection broke ({type(exc).__name__})", sent=True) from None
@@ -230,4 +235,9 @@ def _discard(connection: _Connection | None) -> None:
 def _ssl_detail(error: ssl.SSLError) -> str:
     if isinstance(error, ssl.SSLCertVerificationError):
         return f"certificate not trusted or wrong name ({error.verify_message})"
-    return f"TLS error ({error.reason or type(error).__name__})"
+    reason = error.reason or type(error).__name__
+    if "CERTIFICATE_REQUIRED" in reason:
+        return "the server requires a client certificate (VAULT_CLIENT_CERT, VAULT_CLIENT_KEY)"
+    if any(word in reason for word in ("BAD_CERTIFICATE", "UNKNOWN_CA", "CERTIFICATE_UNKNOWN")):
+        return f"the server refused the client certificate ({reason})"
+    return f"TLS error ({reason})"
