@@ -71,7 +71,12 @@ class _OneShot:
 
     async def execute(self) -> int:
         await self.core.keeper.start(self.settings.login_timeout)
-        execution = await self.core.prepare(self.settings.execution_id)
+        try:
+            execution = await self.core.prepare(self.settings.execution_id)
+        except BaseException:  # what Vault could not take back yet is retried before exit
+            wait = 2.0 if self.received else self.settings.deadline
+            await asyncio.shield(self.core.settle(wait))
+            raise
         try:
             return await self._run_child(execution)
         finally:

@@ -14,6 +14,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from typing import Any
 import pytest
 
 from broker.errors import BrokerClientError
-from broker.vault import VaultClient
+from broker.vault import KV, VaultClient
 from tests.conftest import (
     Sidecar,
     Vault,
@@ -357,3 +358,68 @@ async def test_retries_from_many_callers_stay_under_the_process_cap(
         assert time.monotonic() - since < 4 + 5
     finally:
         assert sidecar.stop() == 0, sidecar.log.read_text()[-2000:]
+
+
+# --- a preparation that fails between its claim and the claim's metadata -------------------------
+
+
+async def claim_record(admin: VaultClient, tenant: str, execution_id: str) -> dict[str, Any]:
+    """The claim's own data (pod, mode, lease accessor): what is left if its metadata is not."""
+    return (await KV(admin, "stigmer").read(f"execution-claims/{tenant}/{execution_id}")).data
+
+
+async def test_a_claim_left_half_written_by_the_sidecar_is_given_back(
+    vault: Vault, admin: VaultClient, tenant: str, tmp_path: Path, shm: Path, proxy: FaultProxy
+) -> None:
+    """Vault takes the claim, then refuses its metadata and its destroy (a leader lost between
+    the two writes). The preparation fails with a 503; what it left is given back once Vault
+    recovers, so the next prepare from this sidecar succeeds instead of a 409 for ever."""
+    await issue_secrets(admin, vault.layout, tenant, "half-1", {"TOKEN_0": (CANARY, True)})
+    sidecar = await start_sidecar(vault, tenant, tmp_path, shm, "--deadline", "2s",
+                                  vault_addr=proxy.url)  # fmt: skip
+    try:
+        window = time.monotonic() + 8
+        proxy.add(Rule("sealed", match="/metadata/execution-claims/", until=window))
+        with pytest.raises(BrokerClientError) as failed:
+            await asyncio.to_thread(sidecar.client.prepare, "half-1")
+        assert failed.value.status == 503, failed.value
+        assert time.monotonic() < window - 4  # the caller is told at once, not after a cleanup
+        first = (await claim_record(admin, tenant, "half-1"))["lease_accessor"]
+        await asyncio.sleep(max(0.0, window - time.monotonic()))
+        prepared = await asyncio.to_thread(sidecar.client.prepare, "half-1")
+        assert CANARY in prepared.env_file.read_text()
+        second = (await claim_metadata(admin, tenant, "half-1"))["lease_accessor"]
+        assert second != first
+        await wait_until_async(lambda: _dead(admin, first), 10, "the first lease revoked")
+        await asyncio.to_thread(sidecar.client.end, "half-1")
+        assert await claims(admin, tenant) == []
+    finally:
+        assert sidecar.stop() == 0, sidecar.log.read_text()[-2000:]
+    assert CANARY not in sidecar.log.read_text()
+
+
+async def test_run_gives_back_a_half_written_claim_before_it_exits(
+    vault: Vault, admin: VaultClient, tenant: str, tmp_path: Path, shm: Path, proxy: FaultProxy
+) -> None:
+    await issue_secrets(admin, vault.layout, tenant, "half-run", {"TOKEN_0": (CANARY, True)})
+    """The same in `run`: it fails at its deadline (4 s) and retries the give-back for up to
+    another --deadline before it exits; Vault is back after 5 s."""
+    proxy.add(Rule("sealed", match="/metadata/execution-claims/", until=time.monotonic() + 5))
+    result, events = run_via(proxy, vault, tenant, "half-run", tmp_path, shm, "--deadline", "4s")
+    assert result.returncode == 3, result.stderr
+    assert "failed preparation given back" in [e["msg"] for e in events], result.stderr
+    assert await claims(admin, tenant) == []
+    assert not await accessor_alive(admin, login_accessor(events))
+    assert await context_paths(admin, vault, tenant) == ["half-run"]  # kept for another try
+    assert CANARY not in result.stderr
+
+
+async def _dead(admin: VaultClient, accessor: str) -> bool:
+    return not await accessor_alive(admin, accessor)
+
+
+async def wait_until_async(check: Callable[[], Awaitable[bool]], seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not await check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.2)

@@ -13,14 +13,15 @@ A write whose answer was lost is retried; if the retry finds a claim naming its 
 first write got through and the claim is ours (runners may read claims: they hold no secret).
 
 A loser is told who holds the execution, since when, and whether that holder's lease is still
-alive. A claim whose lease is provably dead (its accessor no longer resolves) is freed by the
+alive (from the metadata, or from the claim's own record when a failure came between the two
+writes). A claim whose lease is provably dead (its accessor no longer resolves) is freed by the
 reaper; the same pod may take its own dead claim over at once (a restarted sidecar resumes),
-any other claimant waits for the reaper.
+and a process may take over a claim left by a lease it gave up itself (``Claimant.abandoned``:
+a preparation that failed while Vault was losing its leader); any other claimant waits.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import math
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ class Claimant:
     pod: str
     mode: str  # "run" or "sidecar"
     lease_accessor: str
+    abandoned: frozenset[str] = frozenset()  # accessors of leases this process gave up
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,8 @@ class Holder:
     pod: str
     mode: str
     since: str
-    lease_alive: bool | None  # None: not known (no accessor recorded yet)
+    lease_alive: bool | None  # None: not known (no accessor recorded)
+    lease_accessor: str = ""
 
     def describe(self) -> str:
         alive = {True: "alive", False: "dead", None: "unknown"}[self.lease_alive]
@@ -60,12 +63,17 @@ async def holder(kv: KV, path: str, lookup: VaultClient) -> Holder | None:
         metadata = await kv.read_metadata(path)
     except NotFound:
         return None
-    custom = metadata.custom
-    accessor = custom.get("lease_accessor", "")
+    record: dict[str, str] = dict(metadata.custom)
+    if not record.get("lease_accessor"):  # the metadata write failed: the claim's own record
+        with contextlib.suppress(NotFound, PermissionDenied):
+            data = (await kv.read(path)).data
+            record = {k: v for k, v in data.items() if isinstance(v, str)}
+    accessor = record.get("lease_accessor", "")
     alive = None if not accessor else await lookup_accessor(lookup, accessor) is not None
     return Holder(
-        custom.get("pod", ""), custom.get("mode", ""), custom.get("claimed_at", ""), alive
-    )
+        record.get("pod", ""), record.get("mode", ""), record.get("claimed_at", ""), alive,
+        accessor,
+    )  # fmt: skip
 
 
 async def claim(
@@ -93,20 +101,17 @@ async def claim(
             current = await holder(kv, path, lease)
             if current is None and isinstance(exc, PermissionDenied):
                 raise  # no claim there: a real permission problem
-            if attempt == 0 and current is not None and _own_dead(current, claimant):
-                logs.event("taking over this pod's own dead claim", execution_id=execution_id)
+            takeover = _own_leftover(current, claimant) if attempt == 0 and current else ""
+            if takeover:
+                logs.event(takeover, execution_id=execution_id)
                 await kv.destroy(path)
                 continue
             _refused(execution_id, claimant, current)
     remaining = (expires_at - now).total_seconds() if expires_at else 3600.0
     custom = {**record, "expires_at": expires_at.isoformat() if expires_at else ""}
-    try:
-        after = f"{math.ceil(remaining) + GRACE}s"
-        await kv.write_metadata(path, max_versions=1, custom=custom, delete_version_after=after)
-    except BaseException:  # a claim nobody can attribute would block the execution for ever
-        with contextlib.suppress(VaultError):
-            await asyncio.shield(kv.destroy(path))
-        raise
+    after = f"{math.ceil(remaining) + GRACE}s"
+    # If this fails the caller gives the claim back (release_if_ours), retrying as it must.
+    await kv.write_metadata(path, max_versions=1, custom=custom, delete_version_after=after)
 
 
 async def _ours(kv: KV, path: str, claimant: Claimant) -> bool:
@@ -120,8 +125,14 @@ async def _ours(kv: KV, path: str, claimant: Claimant) -> bool:
     )
 
 
-def _own_dead(current: Holder, claimant: Claimant) -> bool:
-    return bool(claimant.pod) and current.pod == claimant.pod and current.lease_alive is False
+def _own_leftover(current: Holder, claimant: Claimant) -> str:
+    """Why ``claimant`` may take this claim over ('' if it may not): this process left it
+    behind (a lease it gave up), or its pod's lease is dead."""
+    if current.lease_accessor and current.lease_accessor in claimant.abandoned:
+        return "taking over a claim this process gave up"
+    if claimant.pod and current.pod == claimant.pod and current.lease_alive is False:
+        return "taking over this pod's own dead claim"
+    return ""
 
 
 def _refused(execution_id: str, claimant: Claimant, current: Holder | None) -> None:
@@ -135,6 +146,16 @@ def _refused(execution_id: str, claimant: Claimant, current: Holder | None) -> N
 
 async def release(lease: VaultClient, layout: Layout, tenant: str, execution_id: str) -> None:
     await KV(lease, layout.kv_mount).destroy(layout.claim_path(tenant, execution_id))
+
+
+async def release_if_ours(
+    client: VaultClient, layout: Layout, tenant: str, execution_id: str, accessor: str
+) -> None:
+    """Destroy the claim if the lease ``accessor`` wrote it (a preparation that failed after,
+    or perhaps during, its claim); someone else's claim is left alone."""
+    kv, path = KV(client, layout.kv_mount), layout.claim_path(tenant, execution_id)
+    if await _ours(kv, path, Claimant("", "", accessor)):
+        await kv.destroy(path)
 
 
 async def describe(client: VaultClient, layout: Layout, tenant: str, execution_id: str) -> str:

@@ -13,16 +13,19 @@ the login token does the Vault steps.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
+from typing import Any
 
 from broker import logs, names
 from broker.config import Layout
-from broker.errors import BrokerError, PermissionDenied, ValidationError, VaultError
+from broker.errors import BrokerError, ClaimConflict, PermissionDenied, ValidationError, VaultError
 from broker.execution import claims
 from broker.execution import context as contexts
 from broker.execution.cleanup import Cleanup
@@ -44,9 +47,23 @@ from broker.vault import (
     lookup_self,
     revoke_self,
 )
+from broker.vault.retry import single_attempt
 
 STRIPPED_FROM_CHILD = ("VAULT_", "BAO_", "STIGMER_DEV_IDENTITY_KEY")
 FIRST_CLEANUP_DEADLINE = 5.0  # seconds for the first try at the Vault steps of an end
+
+
+@dataclass
+class _GiveBack:
+    """What a failed preparation still has to give back."""
+
+    claim: bool
+    child: bool  # revoke the child lease
+    login: bool  # LeaseMode.LOGIN: revoke the login that was the lease
+
+    @property
+    def pending(self) -> list[str]:
+        return [name for name in ("claim", "child", "login") if getattr(self, name)]
 
 
 class LeaseMode(Enum):
@@ -107,6 +124,8 @@ class ExecutionCore:
         self._layout = layout
         self.keeper = keeper
         self.settings = settings
+        self._abandoned: set[str] = set()  # accessors of leases given up after a failure
+        self._leftovers: set[asyncio.Task[None]] = set()  # give-backs still being retried
 
     # --- prepare ------------------------------------------------------------------------------
 
@@ -126,8 +145,9 @@ class ExecutionCore:
             lease = await self._lease(context)
             try:
                 return await self._claim_and_deliver(context, lease, reader_uid)
-            except BaseException:
-                await asyncio.shield(self._give_back(lease))
+            except BaseException as exc:
+                claimed = not isinstance(exc, ClaimConflict)  # perhaps ours, perhaps half-done
+                await asyncio.shield(self._give_back(lease, context.execution_id, claimed))
                 raise
 
     async def _lease(self, context: contexts.StoredContext) -> Lease:
@@ -164,16 +184,14 @@ class ExecutionCore:
         self, context: contexts.StoredContext, lease: Lease, reader_uid: int | None
     ) -> Execution:
         settings = self.settings
-        claimant = claims.Claimant(settings.pod, settings.holder, lease.login.accessor)
+        claimant = claims.Claimant(
+            settings.pod, settings.holder, lease.login.accessor, frozenset(self._abandoned)
+        )
         await claims.claim(
             lease.client, self._layout, context.tenant, context.execution_id, claimant,
             context.expires_at,
         )  # fmt: skip
-        try:
-            return await self._deliver(context, lease, reader_uid)
-        except BaseException:
-            await asyncio.shield(self._release_quietly(lease, context.execution_id))
-            raise
+        return await self._deliver(context, lease, reader_uid)
 
     async def _deliver(
         self, context: contexts.StoredContext, lease: Lease, reader_uid: int | None
@@ -227,22 +245,81 @@ class ExecutionCore:
             raise
         return directory
 
-    async def _release_quietly(self, lease: Lease, execution_id: str) -> None:
-        try:
-            await claims.release(lease.client, self._layout, self.settings.tenant, execution_id)
-        except VaultError as exc:
-            logs.event("claim release failed", level=40, execution_id=execution_id, error=str(exc))
-
-    async def _give_back(self, lease: Lease) -> None:
-        """A preparation failed: the lease goes (a child is revoked, a login detached)."""
-        if lease.login is not lease.held.login:
-            try:
-                await revoke_self(lease.client)
-            except VaultError as exc:
-                logs.event("lease revoke failed", level=40, error=str(exc))
+    async def _give_back(self, lease: Lease, execution_id: str, claimed: bool) -> None:
+        """A preparation failed: its claim (if it wrote one) and its lease go. One request each
+        now, in a context of its own (the preparation's deadline may be spent), so the caller
+        hears of the failure at once; what Vault could not do is retried in the background
+        until done or until the lease would have expired anyway."""
+        self._abandoned.add(lease.login.accessor)
+        login_is_lease = self.settings.lease_mode is LeaseMode.LOGIN
+        steps = _GiveBack(claimed, child=not login_is_lease, login=login_is_lease)
+        attempt = asyncio.create_task(self._give_back_steps(lease, execution_id, steps, once=True),
+                                      context=contextvars.Context())  # fmt: skip
+        await attempt
         await self.keeper.detach(lease.held)
-        if self.settings.lease_mode is LeaseMode.LOGIN:
-            await self.keeper.revoke(lease.held)
+        if steps.pending:
+            retry = asyncio.create_task(self._give_back_later(lease, execution_id, steps),
+                                        context=contextvars.Context())  # fmt: skip
+            self._leftovers.add(retry)
+            retry.add_done_callback(self._leftovers.discard)
+
+    async def _give_back_steps(
+        self, lease: Lease, execution_id: str, steps: _GiveBack, *, once: bool = False
+    ) -> None:
+        with deadline(FIRST_CLEANUP_DEADLINE), single_attempt() if once else nullcontext():
+            if steps.claim:
+                steps.claim = not await self._vault_step(
+                    claims.release_if_ours(lease.client, self._layout, self.settings.tenant,
+                                           execution_id, lease.login.accessor),
+                    "claim release failed", execution_id,
+                )  # fmt: skip
+            if steps.claim:
+                return  # only the lease may release it: the lease stays until it has
+            if steps.child:
+                steps.child = not await self._vault_step(
+                    revoke_self(lease.client), "lease revoke failed", execution_id
+                )
+            if steps.login:
+                steps.login = not await self.keeper.revoke(lease.held)
+
+    async def _give_back_later(self, lease: Lease, execution_id: str, steps: _GiveBack) -> None:
+        until = time.monotonic() + max(lease.login.ttl, FIRST_CLEANUP_DEADLINE)
+        attempt = 0
+        try:
+            while steps.pending and time.monotonic() < until:
+                attempt += 1
+                await asyncio.sleep(self._client.policy.backoff(min(attempt, 8)) + 0.5)
+                await self._give_back_steps(lease, execution_id, steps)
+        finally:
+            done = not steps.pending
+            logs.event("failed preparation given back" if done else "give-back abandoned",
+                       level=20 if done else 30, execution_id=execution_id,
+                       pending=steps.pending, lease_accessor=lease.login.accessor)  # fmt: skip
+
+    async def _vault_step(
+        self, step: Coroutine[Any, Any, object], what: str, execution_id: str
+    ) -> bool:
+        try:
+            await step
+        except PermissionDenied:
+            return True  # the lease is gone already: so is what only it could do
+        except VaultError as exc:
+            logs.event(what, level=40, execution_id=execution_id, error=str(exc))
+            return False
+        return True
+
+    async def stop_giving_back(self) -> None:
+        """At shutdown: stop retrying give-backs (revoking the login ends child leases; the
+        reaper frees a claim left behind)."""
+        for task in list(self._leftovers):
+            task.cancel()
+        await asyncio.gather(*self._leftovers, return_exceptions=True)
+
+    async def settle(self, seconds: float) -> None:
+        """Wait up to ``seconds`` for failed preparations to be given back (``run`` before it
+        exits); a sidecar lets them finish on their own."""
+        if self._leftovers:
+            await asyncio.wait(list(self._leftovers), timeout=seconds)
 
     # --- end ----------------------------------------------------------------------------------
 

@@ -197,6 +197,7 @@ async def _shutdown(
     except TimeoutError:
         logs.event("shutdown: some executions did not end in time", level=30)
     await registry.stop_retries()
+    await core.stop_giving_back()
     for task in background:
         task.cancel()
     await asyncio.gather(*background, return_exceptions=True)
