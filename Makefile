@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test lint typecheck unit pytest clean bench bench-memory bench-faults
+.PHONY: venv demo test lint typecheck unit pytest clean bench bench-shutdown bench-memory bench-faults
 
 venv: $(STAMP)
 
@@ -38,7 +38,14 @@ test: lint typecheck pytest
 clean:
 	rm -rf $(VENV) .vault-dev .mypy_cache .ruff_cache .pytest_cache
 
+# The broker against `bao agent` and the raw-HTTP floor, N = 10/100/1000 (bench/README.md).
+# Byte-compiled first, as an installed package is (PYTHONDONTWRITEBYTECODE would hide it).
 bench: venv
+	$(BIN)/python -m compileall -q broker >/dev/null
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m bench.compare
+
+# Sidecar prepare latency at N = 10/100 and its shutdown with 20 active executions.
+bench-shutdown: venv
 	$(BIN)/python -m bench.sidecar
 
 # Does the sidecar forget? RSS after 100 vs 10,000 prepare/end cycles (several minutes).

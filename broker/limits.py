@@ -36,23 +36,27 @@ def check_size(length: int, limits: Limits, what: str) -> None:
 
 
 def check_tree(document: Any, limits: Limits, what: str) -> None:
-    """Refuse a parsed document nested deeper or holding more items than ``limits`` allow."""
-    stack: list[tuple[Any, int]] = [(document, 1)]
-    items = 0
-    while stack:
-        node, depth = stack.pop()
-        items += 1
+    """Refuse a parsed document nested deeper or holding more items than ``limits`` allow.
+
+    Level by level, so the work per item happens in C (``list.extend``): a context of a
+    thousand values is checked in well under a millisecond."""
+    level: list[Any] = [document]
+    depth, items = 1, 0
+    while level:
+        items += len(level)
+        below: list[Any] = []
+        for node in level:
+            if isinstance(node, dict | Mapping):
+                items += len(node)  # its keys
+                below.extend(node.values())
+            elif isinstance(node, list | tuple):
+                below.extend(node)
         if items > limits.max_items:
             raise ValidationError(what, [f"more than {limits.max_items} items"])
-        if isinstance(node, Mapping):
-            children: Any = [*node.keys(), *node.values()]
-        elif isinstance(node, list | tuple):
-            children = node
-        else:
-            continue
-        if depth >= limits.max_depth and children:
+        if below and depth >= limits.max_depth:
             raise ValidationError(what, [f"nested deeper than {limits.max_depth} levels"])
-        stack.extend((child, depth + 1) for child in children)
+        depth += 1
+        level = below
 
 
 def parse_json(text: str | bytes, limits: Limits, what: str) -> Any:

@@ -12,11 +12,13 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import re
 import sys
 import threading
 from collections import Counter
 from collections.abc import Iterable
 from datetime import UTC, datetime
+from json.encoder import encode_basestring_ascii
 from typing import Any
 from urllib.parse import quote, quote_plus
 
@@ -25,17 +27,15 @@ REDACTED = "<redacted>"
 _PREFIX = 4  # values shorter than this are not redacted (too many false hits)
 
 
+_PLAIN = re.compile(r"[A-Za-z0-9_.~-]*")  # unchanged by URL quoting and JSON escaping
+
+
 def _forms(value: str) -> set[str]:
-    raw = value.encode()
-    forms = {
-        value,
-        base64.b64encode(raw).decode(),
-        base64.urlsafe_b64encode(raw).decode(),
-        base64.b64encode(raw).decode().rstrip("="),
-        quote(value, safe=""),
-        quote_plus(value),
-        json.dumps(value)[1:-1],
-    }
+    b64 = base64.b64encode(value.encode()).decode()
+    forms = {value, b64, b64.replace("+", "-").replace("/", "_"), b64.rstrip("=")}
+    if not _PLAIN.fullmatch(value):  # most tokens are plain: skip three encoders
+        forms.update((quote(value, safe=""), quote_plus(value),
+                      encode_basestring_ascii(value)[1:-1]))  # fmt: skip
     return {form for form in forms if len(form) >= _PREFIX}
 
 

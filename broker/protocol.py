@@ -67,7 +67,16 @@ class ExecutionAnswer:
     ended: Ended | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {key: value for key, value in asdict(self).items() if value is not None}
+        # Field by field: ``asdict`` deep-copies every variable's flags (milliseconds at N=1000).
+        answer: dict[str, Any] = {"id": self.id, "state": self.state, "tenant": self.tenant,
+                                  "expires_at": self.expires_at}  # fmt: skip
+        if self.files is not None:
+            answer["files"] = asdict(self.files)
+        if self.variables is not None:
+            answer["variables"] = self.variables
+        if self.ended is not None:
+            answer["ended"] = asdict(self.ended)
+        return {key: value for key, value in answer.items() if value is not None}
 
     @classmethod
     def from_json(cls, answer: dict[str, Any]) -> ExecutionAnswer:

@@ -85,10 +85,22 @@ async def claim(
     expires_at: datetime | None,
 ) -> None:
     """Take the execution for ``claimant``, or raise ClaimConflict naming its holder."""
-    kv, path = KV(lease, layout.kv_mount), layout.claim_path(tenant, execution_id)
     now = datetime.now(UTC)
-    record = {"pod": claimant.pod, "mode": claimant.mode,
-              "lease_accessor": claimant.lease_accessor, "claimed_at": now.isoformat()}  # fmt: skip
+    await take(lease, layout, tenant, execution_id, claimant, now)
+    await attribute(lease, layout, tenant, execution_id, claimant, now, expires_at)
+
+
+async def take(
+    lease: VaultClient,
+    layout: Layout,
+    tenant: str,
+    execution_id: str,
+    claimant: Claimant,
+    now: datetime,
+) -> None:
+    """Step 1, write the claim: from here the execution is ``claimant``'s (or ClaimConflict)."""
+    kv, path = KV(lease, layout.kv_mount), layout.claim_path(tenant, execution_id)
+    record = _record(claimant, now)
     for attempt in range(2):
         try:
             await kv.write(path, record, cas=0)
@@ -107,11 +119,30 @@ async def claim(
                 await kv.destroy(path)
                 continue
             _refused(execution_id, claimant, current)
+
+
+async def attribute(
+    lease: VaultClient,
+    layout: Layout,
+    tenant: str,
+    execution_id: str,
+    claimant: Claimant,
+    now: datetime,
+    expires_at: datetime | None,
+) -> None:
+    """Step 2, record the holder in the claim's metadata (for the reaper, and so KV deletes
+    the claim itself after the context's expiry). May run alongside the decryption."""
+    kv, path = KV(lease, layout.kv_mount), layout.claim_path(tenant, execution_id)
     remaining = (expires_at - now).total_seconds() if expires_at else 3600.0
-    custom = {**record, "expires_at": expires_at.isoformat() if expires_at else ""}
+    custom = {**_record(claimant, now), "expires_at": expires_at.isoformat() if expires_at else ""}
     after = f"{math.ceil(remaining) + GRACE}s"
     # If this fails the caller gives the claim back (release_if_ours), retrying as it must.
     await kv.write_metadata(path, max_versions=1, custom=custom, delete_version_after=after)
+
+
+def _record(claimant: Claimant, now: datetime) -> dict[str, str]:
+    return {"pod": claimant.pod, "mode": claimant.mode,
+            "lease_accessor": claimant.lease_accessor, "claimed_at": now.isoformat()}  # fmt: skip
 
 
 async def _ours(kv: KV, path: str, claimant: Claimant) -> bool:

@@ -19,7 +19,7 @@ import time
 from collections.abc import Coroutine, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import Enum
 from typing import Any
 
@@ -187,20 +187,27 @@ class ExecutionCore:
         claimant = claims.Claimant(
             settings.pod, settings.holder, lease.login.accessor, frozenset(self._abandoned)
         )
-        await claims.claim(
-            lease.client, self._layout, context.tenant, context.execution_id, claimant,
-            context.expires_at,
-        )  # fmt: skip
-        return await self._deliver(context, lease, reader_uid)
-
-    async def _deliver(
-        self, context: contexts.StoredContext, lease: Lease, reader_uid: int | None
-    ) -> Execution:
+        now = datetime.now(UTC)
+        where = (lease.client, self._layout, context.tenant, context.execution_id, claimant)
+        await claims.take(*where, now)
         secret_names = [name for name, value in context.data.items() if value.is_secret]
-        plaintexts = await Transit(lease.client, self._layout.transit_mount).decrypt(
-            self._layout.transit_key(context.tenant),
-            [context.data[name].value for name in secret_names],
+        _, plaintexts = await _together(  # the claim is ours: attribute it meanwhile
+            claims.attribute(*where, now, context.expires_at),
+            Transit(lease.client, self._layout.transit_mount).decrypt(
+                self._layout.transit_key(context.tenant),
+                [context.data[name].value for name in secret_names],
+            ),
         )
+        return self._deliver(context, lease, reader_uid, secret_names, plaintexts)
+
+    def _deliver(
+        self,
+        context: contexts.StoredContext,
+        lease: Lease,
+        reader_uid: int | None,
+        secret_names: list[str],
+        plaintexts: list[str],
+    ) -> Execution:
         registration = REDACTOR.register(plaintexts)
         decrypted = dict(zip(secret_names, plaintexts, strict=True))
         variables = {
@@ -361,14 +368,17 @@ class ExecutionCore:
         lease, layout, tenant = execution.lease, self._layout, execution.tenant
         report.vault_errors = []
         lease_gone = report.lease == "already revoked"
-        if "context" in report.pending and await self._destroy(
-            layout.context_path(tenant, execution.id), lease, lease_gone, report
-        ):
-            report.context = "destroyed"
-        if "claim" in report.pending and await self._destroy(
-            layout.claim_path(tenant, execution.id), lease, lease_gone, report
-        ):
-            report.claim = "released"
+        paths = {"context": layout.context_path(tenant, execution.id),
+                 "claim": layout.claim_path(tenant, execution.id)}  # fmt: skip
+        steps = [step for step in ("context", "claim") if step in report.pending]
+        done = await asyncio.gather(  # independent: one round trip for both
+            *(self._destroy(paths[step], lease, lease_gone, report) for step in steps)
+        )
+        for step, destroyed in zip(steps, done, strict=True):
+            if destroyed and step == "context":
+                report.context = "destroyed"
+            elif destroyed:
+                report.claim = "released"
         if "lease" in report.pending:
             report.lease = await self._revoke_lease(lease, report)
         if not report.pending:
@@ -417,3 +427,16 @@ class ExecutionCore:
         except PermissionDenied:
             return False
         return True
+
+
+async def _together(*steps: Coroutine[Any, Any, Any]) -> list[Any]:
+    """Run ``steps`` at once; the first failure cancels the rest and is raised as it is (not
+    wrapped in an ExceptionGroup: callers branch on the error's class)."""
+    tasks = [asyncio.ensure_future(step) for step in steps]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise

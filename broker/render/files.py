@@ -51,11 +51,11 @@ def contents(
     values = {name: var.value for name, var in variables.items()}
     files = {
         "env": envfile.write(values).encode(),
-        "env.json": formats.as_json(dict(sorted(values.items()))),
+        "env.json": formats.as_json_lines(values),
         "mcp.json": formats.as_json(formats.mcp_config(servers)),
     }
     manifest = formats.manifest(execution_id, tenant, variables, servers, expires_at, files)
-    files["manifest.json"] = formats.as_json(manifest)
+    files["manifest.json"] = formats.as_json_lines(manifest)
     return files
 
 

@@ -203,7 +203,9 @@ class VaultClient:
         while True:
             try:
                 target = f"/v1/{escape_path(path)}" + (f"?{query}" if query else "")
-                answer = await self._once(method, target, op, sent_headers, payload, until, attempt)
+                answer = await self._once(
+                    method, target, op, sent_headers, payload, until, attempt, safety
+                )
             except VaultError as error:
                 _notify(op, str(error.kind))
                 if not self._should_retry(error, safety, attempt, until):
@@ -254,6 +256,7 @@ class VaultClient:
         payload: bytes,
         until: float,
         attempt: int,
+        safety: Safety = Safety.IDEMPOTENT,
     ) -> dict[str, Any]:
         shared = self._shared
         path = target.removeprefix("/v1/").split("?", 1)[0]
@@ -266,8 +269,9 @@ class VaultClient:
         for _ in range(3):  # at most two redirects, only to configured servers
             try:
                 response = await shared.transport.request(
-                    origin, method, target, headers, payload, timeout, MAX_ANSWER_BYTES
-                )
+                    origin, method, target, headers, payload, timeout, MAX_ANSWER_BYTES,
+                    fresh=safety is Safety.MINTS_TOKEN,
+                )  # fmt: skip
             except wire.TransportError as exc:
                 if isinstance(exc, wire.Dropped) and await self._speaks_https(origin):
                     raise _https_port(op, path) from None

@@ -81,16 +81,26 @@ class Origin:
         return f"{self.host}:{self.port}"
 
 
+class _Stale(Exception):
+    """A pooled connection the server had closed: nothing of the request was answered."""
+
+
 class _Connection:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
         self.writer = writer
         self.protocol = h11.Connection(h11.CLIENT)
         self.idle_since = time.monotonic()
+        self.reused = False
 
     def reusable(self) -> bool:
+        """Between two exchanges, open at both ends (a server's close may already be known)."""
         states = (self.protocol.our_state, self.protocol.their_state)
-        return states == (h11.DONE, h11.DONE) and not self.writer.is_closing()
+        return (
+            states == (h11.IDLE, h11.IDLE)
+            and not self.writer.is_closing()
+            and not self.reader.at_eof()
+        )
 
     def close(self) -> None:
         self.writer.close()
@@ -102,13 +112,23 @@ class _Connection:
         if body:
             out += self.protocol.send(h11.Data(data=body)) or b""
         out += self.protocol.send(h11.EndOfMessage()) or b""
-        self.writer.write(out)
-        await self.writer.drain()
         status, headers, chunks, size = 0, {}, [], 0
+        answered = False
+        try:
+            self.writer.write(out)
+            await self.writer.drain()
+        except OSError:
+            if self.reused:
+                raise _Stale() from None
+            raise
         while True:
             event = self.protocol.next_event()
             if event is h11.NEED_DATA:
-                self.protocol.receive_data(await self.reader.read(READ_SIZE))
+                data = await self._read()
+                if not data and not answered and self.reused:
+                    raise _Stale()
+                answered = answered or bool(data)
+                self.protocol.receive_data(data)
             elif isinstance(event, h11.Response):
                 status = event.status_code
                 headers = {k.decode().lower(): v.decode("latin-1") for k, v in event.headers}
@@ -118,11 +138,17 @@ class _Connection:
                     raise TooLarge(max_body)
                 chunks.append(bytes(event.data))
             elif isinstance(event, h11.EndOfMessage):
-                if self.reusable():
-                    self.protocol.start_next_cycle()
+                if (self.protocol.our_state, self.protocol.their_state) == (h11.DONE, h11.DONE):
+                    self.protocol.start_next_cycle()  # keep-alive: IDLE again, reusable
                 return status, headers, b"".join(chunks)
             elif isinstance(event, h11.ConnectionClosed):
                 raise Dropped("connection closed before the answer", sent=True)
+
+    async def _read(self) -> bytes:
+        try:
+            return await self.reader.read(READ_SIZE)
+        except ConnectionResetError:
+            return b""  # a reset before any answer is the same as a close
 
 
 class Transport:
@@ -161,6 +187,7 @@ class Transport:
         while pool:
             connection = pool.pop()
             if time.monotonic() - connection.idle_since < IDLE_TIMEOUT and connection.reusable():
+                connection.reused = True
                 return connection
             connection.close()
         return None
@@ -182,8 +209,14 @@ class Transport:
         body: bytes,
         timeout: float,
         max_body: int,
+        fresh: bool = False,
     ) -> Response:
-        """One request; raises a TransportError subclass when there is no usable answer."""
+        """One request; raises a TransportError subclass when there is no usable answer.
+
+        A pooled connection that turns out closed by the server (nothing answered) is replaced
+        once by a new one. ``fresh``: never a pooled connection — for requests that must not be
+        sent twice (a login), where a server's close of an idle connection would otherwise be
+        indistinguishable from a lost answer."""
         request = h11.Request(
             method=method,
             target=target,
@@ -193,9 +226,20 @@ class Transport:
         connected = False
         try:
             async with asyncio.timeout(timeout):
-                connection = self._checkout(origin) or await self._connect(origin)
+                connection = (None if fresh else self._checkout(origin)) or await self._connect(
+                    origin
+                )
                 connected = True
-                status, answer_headers, data = await connection.exchange(request, body, max_body)
+                try:
+                    status, answer_headers, data = await connection.exchange(
+                        request, body, max_body
+                    )
+                except _Stale:
+                    connection.close()
+                    connection = await self._connect(origin)
+                    status, answer_headers, data = await connection.exchange(
+                        request, body, max_body
+                    )
         except TimeoutError:
             _discard(connection)
             raise TimedOut("no complete answer in time", sent=connected) from None
