@@ -261,16 +261,18 @@ class Harness:
             results[flag] = median_range(timings)
         return results
 
-    async def memory(self, active: int) -> dict[str, int]:
+    async def memory(self, active: int, idle: dict[str, int]) -> dict[str, int]:
+        """RSS at start (``idle``), after the latency runs, and with ``active`` executions."""
         assert self.sidecar is not None and self.client is not None
-        idle = rss_kib(self.sidecar.pid)
+        after = rss_kib(self.sidecar.pid)
         ids = [await self.issue("rss", 100) for _ in range(active)]
         for execution_id in ids:
             self.client.prepare(execution_id)
         busy = rss_kib(self.sidecar.pid)
         for execution_id in ids:
             self.client.end(execution_id)
-        return {"idle_rss_kib": idle["VmRSS"], f"rss_kib_{active}_active_n100": busy["VmRSS"],
+        return {"idle_rss_kib": idle["VmRSS"], "idle_after_the_runs_rss_kib": after["VmRSS"],
+                f"rss_kib_{active}_active_n100": busy["VmRSS"],
                 "peak_kib_VmHWM": rss_kib(self.sidecar.pid)["VmHWM"]}  # fmt: skip
 
     async def throughput(self, cycles: int, callers: int, size: int) -> dict[str, float]:
@@ -349,12 +351,15 @@ async def measure(args: argparse.Namespace, work: Path, shm: Path) -> dict[str, 
         harness = Harness(bench, work, shm, sizes)
         await harness.prepare_agent()
         harness.start_sidecar()
+        assert harness.sidecar is not None
+        time.sleep(1)  # settled
+        idle = rss_kib(harness.sidecar.pid)
         try:
             results: dict[str, Any] = {"runs": args.runs, "sizes": list(sizes)}
             results["latency_ms"] = await harness.latency(args.runs)
             results["startup_ms"] = harness.startup(max(3, args.runs))
             results["throughput"] = await harness.throughput(args.cycles, 20, 20)
-            results["memory"] = await harness.memory(args.active)
+            results["memory"] = await harness.memory(args.active, idle)
             results["requests_per_execution"] = await harness.requests()
             results["transit_chunk"] = MAX_ITEMS
             results["decrypt_requests"] = {str(n): math.ceil(n / MAX_ITEMS) for n in sizes}

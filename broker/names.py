@@ -99,11 +99,15 @@ _REFUSED_PREFIXES: dict[str, str] = {
     "STIGMER_": "it is the broker's own (STIGMER_* variables describe the execution)",
 }
 
+_PREFIXES = tuple(_REFUSED_PREFIXES)
+
 
 def refused_variable(name: str) -> str:
     """Why ``name`` may not reach a runner's environment unasked, or '' if it may."""
     if name in _REFUSED_NAMES:
         return _REFUSED_NAMES[name]
+    if not name.startswith(_PREFIXES):  # the common case, in C
+        return ""
     return next((why for prefix, why in _REFUSED_PREFIXES.items() if name.startswith(prefix)), "")
 
 

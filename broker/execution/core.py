@@ -24,6 +24,7 @@ from enum import Enum
 from typing import Any
 
 from broker import logs, names
+from broker.concurrency import both
 from broker.config import Layout
 from broker.errors import BrokerError, ClaimConflict, PermissionDenied, ValidationError, VaultError
 from broker.execution import claims
@@ -191,12 +192,12 @@ class ExecutionCore:
         where = (lease.client, self._layout, context.tenant, context.execution_id, claimant)
         await claims.take(*where, now)
         secret_names = [name for name, value in context.data.items() if value.is_secret]
-        _, plaintexts = await _together(  # the claim is ours: attribute it meanwhile
-            claims.attribute(*where, now, context.expires_at),
-            Transit(lease.client, self._layout.transit_mount).decrypt(
-                self._layout.transit_key(context.tenant),
-                [context.data[name].value for name in secret_names],
-            ),
+        decrypting = Transit(lease.client, self._layout.transit_mount).decrypt(
+            self._layout.transit_key(context.tenant),
+            [context.data[name].value for name in secret_names],
+        )
+        _, plaintexts = await both(  # the claim is ours: attribute it meanwhile
+            claims.attribute(*where, now, context.expires_at), decrypting
         )
         return self._deliver(context, lease, reader_uid, secret_names, plaintexts)
 
@@ -427,16 +428,3 @@ class ExecutionCore:
         except PermissionDenied:
             return False
         return True
-
-
-async def _together(*steps: Coroutine[Any, Any, Any]) -> list[Any]:
-    """Run ``steps`` at once; the first failure cancels the rest and is raised as it is (not
-    wrapped in an ExceptionGroup: callers branch on the error's class)."""
-    tasks = [asyncio.ensure_future(step) for step in steps]
-    try:
-        return list(await asyncio.gather(*tasks))
-    except BaseException:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise

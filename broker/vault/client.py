@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -200,6 +201,7 @@ class VaultClient:
         shared = self._shared
         until = current_deadline(shared.policy)
         attempt = 0
+        started = time.monotonic()
         while True:
             try:
                 target = f"/v1/{escape_path(path)}" + (f"?{query}" if query else "")
@@ -216,6 +218,9 @@ class VaultClient:
                     raise _final(error, safety) from None
                 continue
             _notify(op, "ok")
+            if _debugging():
+                logs.event("vault request", level=10, operation=op, path=path,
+                           ms=round((time.monotonic() - started) * 1000, 2))  # fmt: skip
             return answer
 
     def _headers(self, authenticated: bool) -> list[tuple[str, str]]:
@@ -418,3 +423,8 @@ def _status_error(
     if status >= 500:
         return VaultUnavailable(op, path, Fault.SERVER_ERROR, status, retry_after=retry_after)
     return VaultError(op, path, Fault.INVALID, status, known)
+
+
+def _debugging() -> bool:
+    """--log-level debug: each Vault request's duration is logged (for profiling)."""
+    return logging.getLogger(logs.LOGGER_NAME).isEnabledFor(logging.DEBUG)

@@ -12,11 +12,13 @@ import base64
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from broker.concurrency import together
 from broker.errors import DecryptError, Fault, PermissionDenied, RequestTooLarge, VaultError
 from broker.vault.client import VaultClient
 
 MAX_ITEMS = 499
 MAX_BYTES = 8 * 1024 * 1024
+PARALLEL_CHUNKS = 4  # chunks of one batch in flight at once
 
 
 def chunks(items: Sequence[dict[str, str]], max_items: int) -> Iterator[Sequence[dict[str, str]]]:
@@ -72,10 +74,13 @@ class Transit:
     async def _batch(
         self, operation: str, key: str, batch: Sequence[dict[str, str]], field: str
     ) -> list[str]:
-        out: list[str] = []
-        for chunk in chunks(batch, self.max_items):
-            out.extend(await self._send(operation, key, chunk, field))
-        return out
+        sends = [
+            self._send(operation, key, chunk, field) for chunk in chunks(batch, self.max_items)
+        ]
+        if len(sends) == 1:
+            return await sends[0]
+        answers = await together(sends, limit=PARALLEL_CHUNKS)  # Vault decrypts on every core
+        return [item for answer in answers for item in answer]
 
     async def encrypt(self, key: str, plaintexts: Sequence[str]) -> list[str]:
         """Encrypt many values in as few requests as the server allows; ``vault:vN:…`` out."""

@@ -1,0 +1,40 @@
+"""Running independent awaitables at once without losing the error a caller branches on."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Iterable
+from typing import TypeVar
+
+T = TypeVar("T")
+A = TypeVar("A")
+B = TypeVar("B")
+
+
+async def together(steps: Iterable[Awaitable[T]], limit: int = 0) -> list[T]:
+    """Await ``steps`` concurrently (at most ``limit`` at a time when > 0), results in order.
+
+    The first failure cancels the rest and is raised as it is — not wrapped in an
+    ExceptionGroup as ``asyncio.TaskGroup`` would: callers branch on the error's class."""
+    gate = asyncio.Semaphore(limit) if limit > 0 else None
+
+    async def gated(step: Awaitable[T]) -> T:
+        if gate is None:
+            return await step
+        async with gate:
+            return await step
+
+    tasks = [asyncio.ensure_future(gated(step)) for step in steps]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+async def both(first: Awaitable[A], second: Awaitable[B]) -> tuple[A, B]:
+    """:func:`together` for two awaitables of different types."""
+    results: list[object] = await together([first, second])
+    return results[0], results[1]  # type: ignore[return-value]
