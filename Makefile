@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test lint typecheck unit pytest clean bench bench-shutdown bench-memory bench-faults
+.PHONY: venv demo test lint typecheck unit pytest openapi clean bench bench-shutdown bench-memory bench-faults
 
 venv: $(STAMP)
 
@@ -34,6 +34,10 @@ pytest: venv
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest -n auto
 
 test: lint typecheck pytest
+
+# The control API's OpenAPI document, rebuilt from the models (a test checks it is current).
+openapi: venv
+	$(BIN)/python -c 'import json; from broker.api import openapi; print(json.dumps(openapi.document(), indent=2, sort_keys=True))' > openapi.json
 
 clean:
 	rm -rf $(VENV) .vault-dev .mypy_cache .ruff_cache .pytest_cache

@@ -9,6 +9,7 @@ values, so any error text is safe to log. ``hint`` says how to fix it; the CLI p
     BrokerError                   .hint .retryable .diagnostics()        exit code (cli)
     ├─ ConfigError                a setting or flag is missing or wrong            2
     ├─ ValidationError            invalid input: resource + every problem          2
+    │  ├─ ResourceNotFound        no such stored resource (an Environment)         2
     │  ├─ ContextNotFound         no context for this execution (any more)        2
     │  └─ ContextExpired          the context is past its expiry                   2
     ├─ ResolveError               unknown placeholders, secrets where they may not go  2
@@ -65,6 +66,10 @@ class ValidationError(BrokerError):
         self.resource = resource
         self.problems = list(problems)
         super().__init__(f"{resource}: " + "; ".join(self.problems))
+
+
+class ResourceNotFound(ValidationError):
+    """A stored resource (an Environment) that does not exist."""
 
 
 class ContextNotFound(ValidationError):

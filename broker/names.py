@@ -49,6 +49,11 @@ def environment_name(value: str) -> str:
     return _check("environment name", value, ENVIRONMENT_NAME)
 
 
+def variable_name(value: str) -> str:
+    """An environment variable's name: a letter or '_', then letters, digits and '_'."""
+    return _check("variable name", value, VARIABLE_NAME)
+
+
 def new_execution_id() -> str:
     """A fresh execution id, ``exec-`` plus 20 random base-32 characters."""
     alphabet = "abcdefghijklmnopqrstuvwxyz234567"

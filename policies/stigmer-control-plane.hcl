@@ -13,10 +13,12 @@ path "${kv_mount}/metadata/environments/*" {
   capabilities = ["read", "list", "delete"]
 }
 
-# ExecutionContexts: issue (create only, check-and-set 0), read masked, set the expiry, list
-# for `execution list`, end.
+# ExecutionContexts: issue, read masked, set the expiry, list for `execution list`, end.
+# "update" too: the metadata (with the expiry) is written first, and KV v2 counts a data write
+# to a key whose metadata exists as an update. The broker writes with check-and-set 0, so an
+# existing context is never overwritten.
 path "${kv_mount}/data/execution-contexts/*" {
-  capabilities = ["create", "read"]
+  capabilities = ["create", "read", "update"]
 }
 path "${kv_mount}/metadata/execution-contexts/*" {
   capabilities = ["create", "update", "read", "list", "delete"]

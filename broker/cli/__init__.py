@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from broker import __version__, errors
-from broker.cli import admin, control, dev, reaper, runner
+from broker.cli import admin, api, control, dev, reaper, runner
 from broker.cli.common import PROG, HelpFormatter, configure_vault
 from broker.hardening import harden
 
@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     _global_options(parser, defaults=True)
     commands = parser.add_subparsers(dest="command_name", required=True, metavar="COMMAND")
-    for group in (dev, admin, control, reaper, runner):
+    for group in (dev, admin, control, api, reaper, runner):
         group.register(commands)
     completion = commands.add_parser(
         "completion", help="print a shell completion script", formatter_class=HelpFormatter,
@@ -116,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from broker import logs
 
-    quiet = args.command_name not in (*runner.RUNNER_COMMANDS, "reaper")
+    quiet = args.command_name not in (*runner.RUNNER_COMMANDS, "reaper", "control")
     logs.setup(args.log_level or ("warning" if quiet else "info"))
     try:
         configure_vault(args)

@@ -7,7 +7,7 @@ from typing import Any
 from broker import names
 from broker.config import Layout
 from broker.control.stored import load_stored
-from broker.errors import Conflict, NotFound, ValidationError
+from broker.errors import Conflict, NotFound, ResourceNotFound, ValidationError
 from broker.model import Environment, to_document
 from broker.vault import KV, Transit, VaultClient
 
@@ -78,19 +78,38 @@ class EnvironmentStore:
                 [f"already exists in tenant {tenant} (use `env apply` to replace it)"],
             ) from None
 
+    async def replace(self, tenant: str, environment: Environment, version: int) -> int:
+        """Write over ``version`` exactly (0: create only). A stale version raises
+        :class:`~broker.errors.Conflict` and changes nothing (HTTP ``If-Match``)."""
+        path = self._layout.environment_path(tenant, environment.name)
+        document = await self._sealed(tenant, environment)
+        return await self._kv.write_resource(path, document, cas=version)
+
+    async def version(self, tenant: str, name: str) -> int:
+        """The current version (0 when there is none), from the metadata only."""
+        path = self._layout.environment_path(tenant, names.environment_name(name))
+        try:
+            return (await self._kv.read_metadata(path)).current_version
+        except NotFound:
+            return 0
+
     async def get(self, tenant: str, name: str) -> Environment:
         """The stored Environment; secret values are ciphertext."""
+        return (await self.read(tenant, name))[0]
+
+    async def read(self, tenant: str, name: str) -> tuple[Environment, int]:
+        """The stored Environment (secret values are ciphertext) and its version."""
         path = self._layout.environment_path(tenant, name)
         label = f"Environment {name}"
-        environment = await load_stored(
-            self._kv, path, Environment, label, f"not found in tenant {tenant}"
+        environment, version = await load_stored(
+            self._kv, path, Environment, label, f"not found in tenant {tenant}", with_version=True
         )
         for key, entry in environment.spec.data.items():
             if entry.is_secret and entry.value and not is_ciphertext(entry.value):
                 raise ValidationError(
                     f"Environment {name}", [f"spec.data.{key}: secret stored without encryption"]
                 )
-        return environment
+        return environment, version
 
     async def list(self, tenant: str) -> list[str]:
         keys = await self._kv.list(self._layout.environments_dir(tenant))
@@ -102,7 +121,7 @@ class EnvironmentStore:
         try:
             await self._kv.read_metadata(path)
         except NotFound:
-            raise ValidationError(
+            raise ResourceNotFound(
                 f"Environment {name}", [f"not found in tenant {tenant}"]
             ) from None
         await self._kv.destroy(path)

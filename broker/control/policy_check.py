@@ -173,7 +173,8 @@ class PolicyCheck:
                 return await client.get(f"{kv}/data/{context}/{probe}")
             case "list contexts":
                 return await client.request("LIST", f"{kv}/metadata/{context}")
-            case "write context":
+            case "write context":  # as `execution create` issues: metadata, then cas-0 data
+                await store.write_metadata(f"{context}/{probe}", max_versions=1)
                 return await store.write(f"{context}/{probe}", document, cas=0)
             case "destroy context":
                 return await client.delete(f"{kv}/metadata/{context}/{probe}-absent")

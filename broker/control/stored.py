@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import Literal, TypeVar, overload
 
-from broker.errors import NotFound, ValidationError
+from broker.errors import NotFound, ResourceNotFound
 from broker.model import parse_resource
 from broker.model.base import Resource
 from broker.vault import KV
@@ -12,10 +12,27 @@ from broker.vault import KV
 T = TypeVar("T", bound=Resource)
 
 
-async def load_stored(kv: KV, path: str, cls: type[T], label: str, missing: str) -> T:
-    """The resource at ``path``; ``ValidationError(label, [missing])`` if there is none."""
+@overload
+async def load_stored(
+    kv: KV, path: str, cls: type[T], label: str, missing: str,
+    with_version: Literal[False] = False,
+) -> T: ...  # fmt: skip
+
+
+@overload
+async def load_stored(
+    kv: KV, path: str, cls: type[T], label: str, missing: str, with_version: Literal[True]
+) -> tuple[T, int]: ...
+
+
+async def load_stored(
+    kv: KV, path: str, cls: type[T], label: str, missing: str, with_version: bool = False
+) -> T | tuple[T, int]:
+    """The resource at ``path`` (and its version); ``ResourceNotFound(label, [missing])`` if
+    there is none."""
     try:
-        document, _ = await kv.read_resource(path)
+        document, version = await kv.read_resource(path)
     except NotFound:
-        raise ValidationError(label, [missing]) from None
-    return parse_resource(document, cls, stored=True)
+        raise ResourceNotFound(label, [missing]) from None
+    resource = parse_resource(document, cls, stored=True)
+    return (resource, version) if with_version else resource

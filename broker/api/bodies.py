@@ -1,0 +1,146 @@
+"""Request bodies: JSON within limits, then the very models and rules the CLI uses.
+
+Each function raises a :class:`~broker.errors.ValidationError` (or ``ConfigError``) whose
+problem lines name fields; ``routes`` turns them into problem documents with JSON pointers,
+prefixed with where the resource sits in the body (``/template``, ``/instance``, …)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from broker import names
+from broker.cli.common import parse_duration
+from broker.control.executions import RuntimeValue, runtime_env
+from broker.errors import ConfigError, ValidationError
+from broker.limits import REQUESTS, parse_json
+from broker.model import (
+    Agent,
+    AgentExecution,
+    AgentInstance,
+    Environment,
+    Workflow,
+    WorkflowExecution,
+    WorkflowInstance,
+    parse_resource,
+)
+
+EXECUTION_FIELDS = {"template", "instance", "execution", "environments", "ttl", "id",
+                    "allow_secret_in_args", "allow_env_names"}  # fmt: skip
+
+
+class BodyError(ValidationError):
+    """A problem with one part of a request body; ``prefix`` points at that part."""
+
+    def __init__(self, error: ValidationError, prefix: str) -> None:
+        super().__init__(error.resource, error.problems)
+        self.prefix = prefix
+
+
+def document(raw: bytes, what: str) -> Any:
+    return parse_json(raw, REQUESTS, what)
+
+
+def environment(raw: bytes, name: str) -> Environment:
+    """An Environment for ``PUT …/environments/{name}``; ``metadata.name`` may be left out,
+    and must match the path when given."""
+    names.environment_name(name)
+    body = document(raw, f"Environment {name}")
+    if isinstance(body, dict):
+        metadata = body.setdefault("metadata", {})
+        if isinstance(metadata, dict):
+            given = metadata.get("name", metadata.get("slug"))
+            if given is not None and given != name:
+                mismatch = "metadata.name: does not match the name in the path"
+                raise ValidationError(f"Environment {name}", [mismatch])
+            metadata.setdefault("name", name)
+    return parse_resource(body, Environment)
+
+
+@dataclass
+class ExecutionRequest:
+    """What ``execution create`` takes, as one JSON body."""
+
+    template: Agent | Workflow
+    instance: AgentInstance | WorkflowInstance | None = None
+    runtime: dict[str, RuntimeValue] = field(default_factory=dict, repr=False)
+    environments: list[str] = field(default_factory=list)
+    ttl: timedelta = timedelta(hours=1)
+    execution_id: str | None = None
+    allow_secret_in_args: bool = False
+    allow_env_names: list[str] = field(default_factory=list)
+
+
+def execution(raw: bytes) -> ExecutionRequest:
+    body = document(raw, "execution request")
+    if not isinstance(body, dict):
+        raise ValidationError("execution request", ["(document): must be a JSON object"])
+    unknown = sorted(set(body) - EXECUTION_FIELDS)
+    if unknown:
+        raise ValidationError("execution request", [f"{k}: unknown field" for k in unknown])
+    if "template" not in body:
+        raise ValidationError("execution request", ["template: is required"])
+    template = _part(body, "template", (Agent, Workflow))
+    instance = _part(body, "instance", (AgentInstance, WorkflowInstance)) if body.get(
+        "instance") is not None else None  # fmt: skip
+    runtime: dict[str, RuntimeValue] = {}
+    if body.get("execution") is not None:
+        expected = AgentExecution if isinstance(template, Agent) else WorkflowExecution
+        run = _part(body, "execution", (expected,))
+        runtime = runtime_env(
+            {k: RuntimeValue(v.value, v.is_secret) for k, v in run.spec.runtime_env.items()}, {}
+        )
+    return ExecutionRequest(
+        template=template,
+        instance=instance,
+        runtime=runtime,
+        environments=_names(body, "environments", names.environment_name),
+        ttl=_ttl(body.get("ttl", "1h")),
+        execution_id=_optional_id(body.get("id")),
+        allow_secret_in_args=_flag(body, "allow_secret_in_args"),
+        allow_env_names=_names(body, "allow_env_names", names.variable_name),
+    )
+
+
+def _part(body: dict[str, Any], key: str, kinds: tuple[type[Any], ...]) -> Any:
+    try:
+        return parse_resource(body[key], kinds)
+    except ValidationError as error:
+        raise BodyError(error, f"/{key}") from None
+
+
+def _names(body: dict[str, Any], key: str, check: Any) -> list[str]:
+    value = body.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValidationError("execution request", [f"{key}: must be a list of names"])
+    try:
+        return [check(v) for v in value]
+    except ValidationError as error:
+        raise ValidationError(
+            "execution request", [f"{key}: {p}" for p in error.problems]
+        ) from None
+
+
+def _ttl(value: Any) -> timedelta:
+    if not isinstance(value, str):
+        raise ValidationError("execution request", ["ttl: must be a duration such as 15m"])
+    try:
+        return parse_duration(value)
+    except ConfigError:
+        raise ValidationError("execution request", ["ttl: not a duration (90s, 15m, 1h)"]) from None
+
+
+def _optional_id(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValidationError("execution request", ["id: must be a string"])
+    return names.execution_id(value)
+
+
+def _flag(body: dict[str, Any], key: str) -> bool:
+    value = body.get(key, False)
+    if not isinstance(value, bool):
+        raise ValidationError("execution request", [f"{key}: must be true or false"])
+    return value

@@ -1,0 +1,272 @@
+"""`stigmer-broker control serve` against the test server, driven over HTTP as Stigmer's
+backend would: each request carries the caller's own Vault token; the server holds none."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from broker.api import openapi
+from broker.dev.server import free_port
+from broker.vault import VaultClient
+from tests.conftest import Vault, canary_hits, cli, spawn
+
+ROOT = Path(__file__).resolve().parent.parent
+CANARY = "cnry-api-7f3a-do-not-leak"
+
+
+@dataclass
+class Api:
+    url: str
+    process: subprocess.Popen[str]
+    log: Path
+
+    def call(self, method: str, path: str, token: str | None, body: Any = None,
+             headers: dict[str, str] | None = None, raw: bytes | None = None,
+             ) -> tuple[int, dict[str, str], Any]:  # fmt: skip
+        sent = dict(headers or {})
+        if token is not None:
+            sent["X-Vault-Token"] = token
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        if data is not None:
+            sent.setdefault("Content-Type", "application/json")
+        request = urllib.request.Request(self.url + path, data, sent, method=method)  # noqa: S310
+        try:
+            with urllib.request.urlopen(request, timeout=30) as answer:  # noqa: S310
+                status, answer_headers, text = answer.status, dict(answer.headers), answer.read()
+        except urllib.error.HTTPError as refused:
+            status, answer_headers, text = refused.code, dict(refused.headers), refused.read()
+        return status, answer_headers, json.loads(text) if text else None
+
+
+@pytest.fixture
+def api(vault: Vault, tmp_path: Path) -> Iterator[Api]:
+    environ = vault.environ()
+    environ.pop("VAULT_TOKEN")
+    port = free_port()
+    log = tmp_path / "api.log"
+    with log.open("w") as sink:
+        process = spawn([sys.executable, "-m", "broker.cli", "control", "serve",
+                         "--addr", f"127.0.0.1:{port}"], env=environ, stderr=sink, text=True)  # fmt: skip
+    served = Api(f"http://127.0.0.1:{port}", process, log)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if served.call("GET", "/healthz", None)[0] == 200:
+                break
+        except OSError:
+            pass
+        assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.1)
+    yield served
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(15) == 0, log.read_text()[-2000:]
+
+
+async def token_with(admin: VaultClient, *policies: str) -> str:
+    answer = await admin.post("auth/token/create", {"policies": list(policies), "ttl": "10m"})
+    return str(answer["auth"]["client_token"])
+
+
+def environment(name: str, data: dict[str, tuple[str, bool]]) -> dict[str, Any]:
+    return {"api_version": "agentic.stigmer.ai/v1", "kind": "Environment",
+            "metadata": {"name": name},
+            "spec": {"data": {k: {"value": v, "is_secret": s} for k, (v, s) in data.items()}}}  # fmt: skip
+
+
+def test_the_server_refuses_to_hold_a_token(vault: Vault) -> None:
+    result = cli(vault, "control", "serve", "--addr", f"127.0.0.1:{free_port()}")
+    assert result.returncode == 2 and "must not hold a Vault token" in result.stderr
+
+
+async def test_environments_round_trip_with_versions(
+    api: Api, admin: VaultClient, tenant: str
+) -> None:
+    token = await token_with(admin, "stigmer-control-plane")
+    base = f"/v1/tenants/{tenant}/environments"
+    body = environment("prod", {"TOKEN": (CANARY, True), "MODE": ("fast", False)})
+    status, headers, created = api.call("PUT", f"{base}/prod", token, body)
+    assert status == 201 and headers["ETag"] == '"1"', created
+    assert created["spec"]["data"]["TOKEN"]["value"] == "<secret>"
+    stored = await admin.get(f"stigmer/data/environments/{tenant}/prod")
+    assert CANARY not in json.dumps(stored)  # encrypted on arrival
+    status, headers, shown = api.call("GET", f"{base}/prod", token)
+    assert status == 200 and headers["ETag"] == '"1"'
+    assert shown["spec"]["data"]["MODE"]["value"] == "fast"
+    assert shown["spec"]["data"]["TOKEN"]["value"] == "<secret>"
+    # Without If-Match a PUT only creates.
+    status, _, refused = api.call("PUT", f"{base}/prod", token, body)
+    assert status == 409 and "already exists" in refused["detail"]
+    changed = environment("prod", {"TOKEN": (CANARY, True), "MODE": ("slow", False)})
+    status, headers, _ = api.call("PUT", f"{base}/prod", token, changed, {"If-Match": '"1"'})
+    assert status == 200 and headers["ETag"] == '"2"'
+    # A stale version: 412, nothing changed, the current ETag in the answer.
+    stale = environment("prod", {"MODE": ("stale", False)})
+    status, headers, problem = api.call("PUT", f"{base}/prod", token, stale, {"If-Match": '"1"'})
+    assert status == 412 and headers["ETag"] == '"2"', problem
+    assert headers["Content-Type"].startswith("application/problem+json")
+    assert api.call("GET", f"{base}/prod", token)[2]["spec"]["data"]["MODE"]["value"] == "slow"
+    status, headers, _ = api.call("PUT", f"{base}/prod?replace=true", token, stale)
+    assert status == 200 and headers["ETag"] == '"3"'
+    # Listing, paged.
+    for name in ("a1", "a2", "a3"):
+        assert api.call("PUT", f"{base}/{name}", token, environment(name, {}))[0] == 201
+    status, _, page = api.call("GET", f"{base}?limit=2", token)
+    assert status == 200 and page == {"names": ["a1", "a2"], "next": "a2"}
+    assert api.call("GET", f"{base}?limit=2&after=a2", token)[2] == {"names": ["a3", "prod"]}
+    assert api.call("DELETE", f"{base}/prod", token)[0] == 204
+    assert api.call("GET", f"{base}/prod", token)[0] == 404
+    assert api.call("DELETE", f"{base}/prod", token)[0] == 404
+
+
+async def test_concurrent_replaces_of_one_version_have_one_winner(
+    api: Api, admin: VaultClient, tenant: str
+) -> None:
+    token = await token_with(admin, "stigmer-control-plane")
+    path = f"/v1/tenants/{tenant}/environments/shared"
+    assert api.call("PUT", path, token, environment("shared", {"N": ("0", False)}))[0] == 201
+
+    def replace(n: int) -> int:
+        body = environment("shared", {"N": (str(n), False)})
+        return api.call("PUT", path, token, body, {"If-Match": '"1"'})[0]
+
+    with ThreadPoolExecutor(10) as pool:
+        statuses = list(pool.map(replace, range(1, 11)))
+    assert sorted(statuses) == [200] + [412] * 9, statuses
+    _, headers, shown = api.call("GET", path, token)
+    assert headers["ETag"] == '"2"'
+    assert shown["spec"]["data"]["N"]["value"] == str(statuses.index(200) + 1)
+
+
+async def test_callers_get_what_their_policies_allow(
+    api: Api, admin: VaultClient, tenant: str
+) -> None:
+    control = await token_with(admin, "stigmer-control-plane")
+    runner = await token_with(admin, "stigmer-runner")
+    reaper = await token_with(admin, "stigmer-reaper")
+    base = f"/v1/tenants/{tenant}/environments"
+    body = environment("prod", {"TOKEN": (CANARY, True)})
+    status, _, problem = api.call("PUT", f"{base}/prod", None, body)
+    assert status == 401 and "X-Vault-Token" in problem["detail"]
+    for token in (runner, reaper):
+        status, _, problem = api.call("PUT", f"{base}/prod", token, body)
+        assert status == 403, problem
+        assert problem["operation"] and CANARY not in json.dumps(problem)
+    assert api.call("PUT", f"{base}/prod", control, body)[0] == 201
+    for token in (runner, reaper):
+        assert api.call("GET", f"{base}/prod", token)[0] == 403
+        assert api.call("DELETE", f"{base}/prod", token)[0] == 403
+    assert api.call("GET", f"{base}/prod", control)[0] == 200
+    status, _, _ = api.call("GET", f"{base}/prod", "not-a-token")
+    assert status == 403
+
+
+async def test_bad_input_gets_a_4xx_with_field_pointers_and_stores_nothing(
+    api: Api, admin: VaultClient, tenant: str
+) -> None:
+    token = await token_with(admin, "stigmer-control-plane")
+    base = f"/v1/tenants/{tenant}/environments"
+    cases = [
+        (b"{not json", 422, ""),
+        (json.dumps(["a list"]).encode(), 422, ""),
+        (json.dumps({**environment("x", {}), "kind": "Agent"}).encode(), 422, "/kind"),
+        (json.dumps(environment("other", {})).encode(), 422, "/metadata/name"),
+        (json.dumps(environment("x", {"BAD NAME": ("v", False)})).encode(), 422, "/spec/data"),
+        (json.dumps(environment("x", {"NUL": ("a\u0000b", True)})).encode(), 422, ""),
+        (b"[" * 200 + b"]" * 200, 422, ""),
+        (b"x" * (2 * 1024 * 1024), 413, ""),
+    ]
+    for raw, expected, pointer in cases:
+        status, headers, problem = api.call("PUT", f"{base}/x", token, raw=raw)
+        assert status == expected, (raw[:60], problem)
+        assert headers["Content-Type"].startswith("application/problem+json")
+        if pointer:
+            assert any(e["pointer"].startswith(pointer) for e in problem["errors"]), problem
+    assert api.call("PUT", f"/v1/tenants/{tenant}/environments/bad..name", token,
+                    environment("bad..name", {}))[0] == 422  # fmt: skip
+    assert api.call("GET", "/v1/tenants/Not_A_Tenant/environments", token)[0] == 422
+    status, _, problem = api.call("POST", f"/v1/tenants/{tenant}/executions", token,
+                                  {"template": {"kind": "Agent"}, "surprise": 1})  # fmt: skip
+    assert status == 422 and problem["errors"][0]["pointer"] == "/surprise", problem
+    status, _, problem = api.call("POST", f"/v1/tenants/{tenant}/executions", token,
+                                  {"template": {"kind": "Agent", "metadata": {"name": "a"}}})  # fmt: skip
+    assert status == 422 and problem["errors"][0]["pointer"].startswith("/template"), problem
+    assert api.call("GET", base, token)[2] == {"names": []}  # nothing stored
+    assert await admin.list(f"stigmer/metadata/execution-contexts/{tenant}") == []
+
+
+async def test_an_execution_issued_over_http_runs_like_one_from_the_cli(
+    api: Api, vault: Vault, admin: VaultClient, tenant: str, tmp_path: Path, shm: Path
+) -> None:
+    token = await token_with(admin, "stigmer-control-plane")
+    body = environment("prod", {"TOKEN": (CANARY, True), "MODE": ("fast", False)})
+    assert api.call("PUT", f"/v1/tenants/{tenant}/environments/prod", token, body)[0] == 201
+    agent = {"api_version": "agentic.stigmer.ai/v1", "kind": "Agent",
+             "metadata": {"name": "reviewer"},
+             "spec": {"instructions": "Review the pull request.", "env_spec": {"data": {
+                 "TOKEN": {"is_secret": True}, "MODE": {"value": "", "is_secret": False}}}}}  # fmt: skip
+    instance = {"api_version": "agentic.stigmer.ai/v1", "kind": "AgentInstance",
+                "metadata": {"name": "i"},
+                "spec": {"agentId": "reviewer", "environmentRefs": [{"kind": 53, "slug": "prod"}]}}  # fmt: skip
+    request = {"template": agent, "instance": instance, "ttl": "10m", "id": "api-1"}
+    status, headers, issued = api.call("POST", f"/v1/tenants/{tenant}/executions", token, request)
+    assert status == 201, issued
+    assert headers["Location"] == f"/v1/tenants/{tenant}/executions/api-1"
+    assert issued["variables"] == {"MODE": {"secret": False}, "TOKEN": {"secret": True}}
+    assert CANARY not in json.dumps(issued)
+    status, _, shown = api.call("GET", f"/v1/tenants/{tenant}/executions/api-1", token)
+    assert status == 200 and shown["spec"]["data"]["TOKEN"]["value"] == "<secret>"
+    environ = vault.environ()
+    environ.pop("VAULT_TOKEN")
+    printed = subprocess.run(
+        [sys.executable, "-m", "broker.cli", "run", "--tenant", tenant, "--execution", "api-1",
+         "--out", str(shm), "--jwt-file", str(vault.jwt_for(tenant, tmp_path)), "--",
+         sys.executable, "-c", "import os; print(os.environ['TOKEN'] == " + repr(CANARY) +
+         ", os.environ['MODE'])"],
+        env=environ, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert printed.returncode == 0, printed.stderr
+    assert printed.stdout.split() == ["True", "fast"]
+    assert api.call("GET", f"/v1/tenants/{tenant}/executions/api-1", token)[0] == 404  # ended
+    request["id"] = "api-2"
+    assert api.call("POST", f"/v1/tenants/{tenant}/executions", token, request)[0] == 201
+    assert api.call("DELETE", f"/v1/tenants/{tenant}/executions/api-2", token)[0] == 204
+    assert api.call("DELETE", f"/v1/tenants/{tenant}/executions/api-2", token)[0] == 404
+    # Nothing of the secret in the server's log or metrics.
+    metrics = urllib.request.urlopen(api.url + "/metrics", timeout=10).read().decode()  # noqa: S310
+    assert 'route="/v1/tenants/{tenant}/executions"' in metrics and CANARY not in metrics
+    assert CANARY not in api.log.read_text()
+    assert canary_hits(tmp_path) == []
+
+
+def test_the_openapi_document_matches_the_routes_and_the_committed_file(api: Api) -> None:
+    document = openapi.document()
+    committed = json.loads((ROOT / "openapi.json").read_text())
+    assert committed == json.loads(json.dumps(document)), "run `make openapi` and commit"
+    served = api.call("GET", "/openapi.json", None)[2]
+    assert served == committed
+    from broker.api.routes import ROUTES
+
+    documented = {(m.upper(), p) for p, ops in document["paths"].items() for m in ops}
+    routed = {(method, path) for method, path, _ in ROUTES}
+    assert routed <= documented
+    assert {p for _, p in documented} - {p for _, p in routed} == {
+        "/healthz", "/readyz", "/metrics", "/openapi.json"}  # fmt: skip
+    for path, operations in document["paths"].items():
+        for operation in operations.values():
+            for status, answer in operation["responses"].items():
+                if int(status) >= 400:  # every error has its schema
+                    assert "Problem" in json.dumps(answer), (path, status)
+    assert api.call("GET", "/readyz", None)[0] == 200
