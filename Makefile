@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv demo test lint typecheck unit pytest openapi clean bench bench-shutdown bench-memory bench-faults
+.PHONY: venv demo test lint typecheck unit pytest openapi clean bench bench-shutdown bench-api bench-memory bench-faults
 
 venv: $(STAMP)
 
@@ -51,6 +51,10 @@ bench: venv
 # Sidecar prepare latency at N = 10/100 and its shutdown with 20 active executions.
 bench-shutdown: venv
 	$(BIN)/python -m bench.sidecar
+
+# Control API requests per second: Environment GET and execution create (~15 s).
+bench-api: venv
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m bench.api
 
 # Does the sidecar forget? RSS after 100 vs 10,000 prepare/end cycles (several minutes).
 bench-memory: venv

@@ -3,6 +3,7 @@ backend would: each request carries the caller's own Vault token; the server hol
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import subprocess
@@ -10,6 +11,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,7 +23,7 @@ import pytest
 from broker.api import openapi
 from broker.dev.server import free_port
 from broker.vault import VaultClient
-from tests.conftest import Vault, canary_hits, cli, spawn
+from tests.conftest import Vault, canary_hits, cli, spawn, start_sidecar
 
 ROOT = Path(__file__).resolve().parent.parent
 CANARY = "cnry-api-7f3a-do-not-leak"
@@ -173,6 +175,41 @@ async def test_callers_get_what_their_policies_allow(
     assert status == 403
 
 
+AGENT = {"api_version": "agentic.stigmer.ai/v1", "kind": "Agent", "metadata": {"name": "m"},
+         "spec": {"instructions": "Review the pull request.",
+                  "env_spec": {"data": {"MODE": {"value": "", "is_secret": False}}}}}  # fmt: skip
+
+
+async def test_every_route_answers_403_exactly_where_the_callers_policy_denies(
+    api: Api, admin: VaultClient, tenant: str
+) -> None:
+    tokens = {name: await token_with(admin, f"stigmer-{name}")
+              for name in ("control-plane", "runner", "reaper", "admin")}  # fmt: skip
+    root = (await admin.post("auth/token/lookup-self"))["data"]["id"]
+    env = f"/v1/tenants/{tenant}/environments"
+    body = environment("m", {"MODE": ("fast", False)})
+    assert api.call("PUT", f"{env}/m", root, body)[0] == 201
+    request = {"template": AGENT, "environments": ["m"], "ttl": "10m"}
+    executions = f"/v1/tenants/{tenant}/executions"
+    issued = api.call("POST", executions, root, {**request, "id": "mx"})
+    assert issued[0] == 201, issued
+    routes = [  # method, path, body; then the status for control-plane, runner, reaper, admin
+        ("GET", f"{env}/m", None, (200, 403, 403, 200)),
+        ("GET", env, None, (200, 403, 403, 200)),
+        ("PUT", f"{env}/m?replace=true", body, (200, 403, 403, 200)),  # admin: rewrap access
+        ("GET", f"{executions}/mx", None, (200, 403, 403, 200)),
+        ("POST", executions, {**request, "id": "my"}, (201, 403, 403, 403)),
+        ("DELETE", f"{executions}/mx", None, (204, 403, 403, 403)),
+        ("DELETE", f"{env}/m", None, (204, 403, 403, 403)),
+    ]
+    for index, name in reversed(list(enumerate(tokens))):  # control-plane, which deletes, last
+        for method, path, sent, expected in routes:
+            status, _, answer = api.call(method, path, tokens[name], sent)
+            assert status == expected[index], (name, method, path, answer)
+            if status == 403:
+                assert answer["operation"] and "denied" in answer["detail"], answer
+
+
 async def test_bad_input_gets_a_4xx_with_field_pointers_and_stores_nothing(
     api: Api, admin: VaultClient, tenant: str
 ) -> None:
@@ -216,7 +253,10 @@ async def test_an_execution_issued_over_http_runs_like_one_from_the_cli(
     agent = {"api_version": "agentic.stigmer.ai/v1", "kind": "Agent",
              "metadata": {"name": "reviewer"},
              "spec": {"instructions": "Review the pull request.", "env_spec": {"data": {
-                 "TOKEN": {"is_secret": True}, "MODE": {"value": "", "is_secret": False}}}}}  # fmt: skip
+                 "TOKEN": {"is_secret": True}, "MODE": {"value": "", "is_secret": False}}},
+                      "mcpServers": [{"name": "review", "http": {
+                          "url": "https://mcp.example.com/review",
+                          "headers": {"Authorization": "Bearer ${TOKEN}"}}}]}}  # fmt: skip
     instance = {"api_version": "agentic.stigmer.ai/v1", "kind": "AgentInstance",
                 "metadata": {"name": "i"},
                 "spec": {"agentId": "reviewer", "environmentRefs": [{"kind": 53, "slug": "prod"}]}}  # fmt: skip
@@ -240,10 +280,34 @@ async def test_an_execution_issued_over_http_runs_like_one_from_the_cli(
     assert printed.returncode == 0, printed.stderr
     assert printed.stdout.split() == ["True", "fast"]
     assert api.call("GET", f"/v1/tenants/{tenant}/executions/api-1", token)[0] == 404  # ended
+    # The sidecar renders the same files for an execution from the API as from the CLI.
     request["id"] = "api-2"
     assert api.call("POST", f"/v1/tenants/{tenant}/executions", token, request)[0] == 201
-    assert api.call("DELETE", f"/v1/tenants/{tenant}/executions/api-2", token)[0] == 204
-    assert api.call("DELETE", f"/v1/tenants/{tenant}/executions/api-2", token)[0] == 404
+    (tmp_path / "agent.json").write_text(json.dumps(agent))
+    (tmp_path / "instance.json").write_text(json.dumps(instance))
+    created = cli(vault, "execution", "create", "--tenant", tenant, "--agent",
+                  str(tmp_path / "agent.json"), "--instance", str(tmp_path / "instance.json"),
+                  "--id", "cli-2", "--ttl", "10m")  # fmt: skip
+    assert created.returncode == 0, created.stderr
+    sidecar = await start_sidecar(vault, tenant, tmp_path, shm)
+    try:
+        rendered = {}
+        for execution_id in ("api-2", "cli-2"):
+            prepared = await asyncio.to_thread(sidecar.client.prepare, execution_id)
+            directory = prepared.env_file.parent
+            rendered[execution_id] = {
+                name: (directory / name).read_text() for name in ("env", "env.json", "mcp.json")
+            }
+            await asyncio.to_thread(sidecar.client.end, execution_id)
+        assert rendered["api-2"] == rendered["cli-2"]
+        assert CANARY in rendered["api-2"]["env"] and CANARY in rendered["api-2"]["mcp.json"]
+    finally:
+        assert sidecar.stop() == 0
+    status, _, _ = api.call("POST", f"/v1/tenants/{tenant}/executions", token,
+                            {**request, "id": "api-3"})  # fmt: skip
+    assert status == 201
+    assert api.call("DELETE", f"/v1/tenants/{tenant}/executions/api-3", token)[0] == 204
+    assert api.call("DELETE", f"/v1/tenants/{tenant}/executions/api-3", token)[0] == 404
     # Nothing of the secret in the server's log or metrics.
     metrics = urllib.request.urlopen(api.url + "/metrics", timeout=10).read().decode()  # noqa: S310
     assert 'route="/v1/tenants/{tenant}/executions"' in metrics and CANARY not in metrics
@@ -270,3 +334,64 @@ def test_the_openapi_document_matches_the_routes_and_the_committed_file(api: Api
                 if int(status) >= 400:  # every error has its schema
                     assert "Problem" in json.dumps(answer), (path, status)
     assert api.call("GET", "/readyz", None)[0] == 200
+
+
+async def stored_keys(admin: VaultClient) -> set[str]:
+    """Every Environment and context path in KV: what a rejected request must not add to."""
+    keys = set()
+    for folder in ("environments", "execution-contexts"):
+        for tenant_dir in await admin.list(f"stigmer/metadata/{folder}"):
+            for name in await admin.list(f"stigmer/metadata/{folder}/{tenant_dir}"):
+                keys.add(f"{folder}/{tenant_dir}{name}")
+    return keys
+
+
+async def test_fuzzed_requests_from_the_openapi_document_never_get_a_5xx(
+    api: Api, admin: VaultClient, tenant: str
+) -> None:
+    """Schemathesis generates valid and invalid requests for every operation from the
+    document; none may answer 5xx, and nothing rejected may be stored."""
+    import hypothesis
+    import schemathesis
+    from schemathesis import GenerationMode
+
+    token = await token_with(admin, "stigmer-control-plane")
+    schema = schemathesis.openapi.from_dict(openapi.document())
+    before = await stored_keys(admin)
+    accepted: set[str] = set()
+    failures: list[str] = []
+    statuses: Counter[int] = Counter()
+
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+
+            @hypothesis.settings(max_examples=20, deadline=None, database=None,
+                                 suppress_health_check=list(hypothesis.HealthCheck))  # fmt: skip
+            @hypothesis.given(case=operation.as_strategy(generation_mode=mode))
+            def call(case: Any) -> None:
+                if "tenant" in (case.path_parameters or {}) and hash(str(case.body)) % 2:
+                    case.path_parameters["tenant"] = tenant  # half of them in a real tenant
+                response = case.call(base_url=api.url, headers={"X-Vault-Token": token},
+                                     timeout=30)  # fmt: skip
+                statuses[response.status_code] += 1
+                if response.status_code >= 500:
+                    failures.append(f"{case.method} {case.formatted_path} -> "
+                                    f"{response.status_code} {response.text[:200]}")  # fmt: skip
+                if 200 <= response.status_code < 300 and case.method in ("PUT", "POST"):
+                    params = case.path_parameters or {}
+                    if case.method == "PUT":
+                        accepted.add(f"environments/{params['tenant']}/{params['name']}")
+                    else:
+                        accepted.add(f"execution-contexts/{params['tenant']}/"
+                                     f"{response.json()['id']}")  # fmt: skip
+
+            try:
+                await asyncio.to_thread(call)
+            except hypothesis.errors.Unsatisfiable:
+                # No invalid request exists for an operation without inputs (/healthz).
+                assert mode is GenerationMode.NEGATIVE and not operation.path.startswith("/v1")
+    assert failures == [], failures[:5]
+    assert sum(statuses.values()) >= 200 and statuses[200] and statuses[422], statuses
+    added = await stored_keys(admin) - before
+    assert added <= accepted, sorted(added - accepted)
