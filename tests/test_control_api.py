@@ -354,7 +354,14 @@ async def test_fuzzed_requests_from_the_openapi_document_never_get_a_5xx(
     import hypothesis
     import schemathesis
     from schemathesis import GenerationMode
+    from schemathesis.checks import (
+        content_type_conformance,
+        response_schema_conformance,
+        status_code_conformance,
+    )
 
+    CONFORMANCE = [status_code_conformance, content_type_conformance,
+                   response_schema_conformance]  # fmt: skip
     token = await token_with(admin, "stigmer-control-plane")
     schema = schemathesis.openapi.from_dict(openapi.document())
     before = await stored_keys(admin)
@@ -375,6 +382,10 @@ async def test_fuzzed_requests_from_the_openapi_document_never_get_a_5xx(
                 response = case.call(base_url=api.url, headers={"X-Vault-Token": token},
                                      timeout=30)  # fmt: skip
                 statuses[response.status_code] += 1
+                try:  # the document tells the truth: documented status, type and schema
+                    case.validate_response(response, checks=CONFORMANCE)
+                except AssertionError as failure:
+                    failures.append(f"{case.method} {case.formatted_path}: {failure}"[:600])
                 if response.status_code >= 500:
                     failures.append(f"{case.method} {case.formatted_path} -> "
                                     f"{response.status_code} {response.text[:200]}")  # fmt: skip

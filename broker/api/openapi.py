@@ -14,6 +14,7 @@ from broker.model import (
     AgentExecution,
     AgentInstance,
     Environment,
+    ExecutionContext,
     Workflow,
     WorkflowExecution,
     WorkflowInstance,
@@ -30,8 +31,10 @@ def _ref(name: str) -> dict[str, str]:
 
 def _schemas() -> dict[str, Any]:
     models = [Environment, Agent, Workflow, AgentInstance, WorkflowInstance, AgentExecution,
-              WorkflowExecution]  # fmt: skip
-    _, top = models_json_schema([(m, "validation") for m in models], ref_template=REF)
+              WorkflowExecution, ExecutionContext]  # fmt: skip
+    _, top = models_json_schema(
+        [(m, "validation") for m in models], by_alias=False, ref_template=REF
+    )
     schemas: dict[str, Any] = dict(top.get("$defs", {}))
     schemas["Problem"] = {
         "type": "object",
@@ -81,9 +84,6 @@ def _schemas() -> dict[str, Any]:
         "properties": {"names": {"type": "array", "items": {"type": "string"}},
                        "next": {"type": "string", "description": "pass as ?after= for more"}},
     }  # fmt: skip
-    schemas["MaskedDocument"] = {
-        "type": "object", "description": "A stored resource; every secret value is `<secret>`.",
-    }  # fmt: skip
     return schemas
 
 
@@ -127,14 +127,16 @@ def _paths() -> dict[str, Any]:
             ],
             "requestBody": {"required": True, "content": {JSON: {"schema": _ref("Environment")}}},
             "responses": {
-                "200": _json(_ref("MaskedDocument"), "replaced", ETag="its new version"),
-                "201": _json(_ref("MaskedDocument"), "created", ETag="its version"),
+                "200": _json(_ref("Environment"), "replaced (secrets masked)",
+                             ETag="its new version"),
+                "201": _json(_ref("Environment"), "created (secrets masked)", ETag="its version"),
                 **_errors(400, 409, 412, 413, *common),
             },
         },
         "get": {
             "summary": "An Environment, secrets masked",
-            "responses": {"200": _json(_ref("MaskedDocument"), "the Environment", ETag="version"),
+            "responses": {"200": _json(_ref("Environment"), "the Environment, secret values "
+                                        "`<secret>`", ETag="its version"),
                           **_errors(404, *common)},
         },
         "delete": {
@@ -160,7 +162,8 @@ def _paths() -> dict[str, Any]:
     }}  # fmt: skip
     execution = {
         "get": {"summary": "An execution's context, secrets masked",
-                "responses": {"200": _json(_ref("MaskedDocument"), "the context"),
+                "responses": {"200": _json(_ref("ExecutionContext"),
+                                           "the context, secret values `<secret>`"),
                               **_errors(404, *common)}},
         "delete": {"summary": "End an execution (destroy its context)",
                    "responses": {"204": {"description": "ended"}, **_errors(404, *common)}},
