@@ -32,6 +32,6 @@ def register(commands: Group) -> None:
     p = command(
         control, "serve", control_serve,
         "serve Environments and executions over HTTP with each caller's Vault token",
-        "VAULT_ADDR=https://vault:8200 stigmer-broker control serve --addr 0.0.0.0:8300",
+        "stigmer-broker control serve --addr 0.0.0.0:8300  # VAULT_ADDR set, no VAULT_TOKEN",
     )  # fmt: skip
     p.add_argument("--addr", default="127.0.0.1:8300", help="HOST:PORT to listen on")
