@@ -260,11 +260,13 @@ async def test_an_execution_issued_over_http_runs_like_one_from_the_cli(
     instance = {"api_version": "agentic.stigmer.ai/v1", "kind": "AgentInstance",
                 "metadata": {"name": "i"},
                 "spec": {"agentId": "reviewer", "environmentRefs": [{"kind": 53, "slug": "prod"}]}}  # fmt: skip
-    request = {"template": agent, "instance": instance, "ttl": "10m", "id": "api-1"}
+    request = {"template": agent, "instance": instance, "ttl": "10m", "id": "api-1",
+               "runtimeEnv": {"EXTRA": {"value": CANARY + "-rt", "isSecret": True}}}  # fmt: skip
     status, headers, issued = api.call("POST", f"/v1/tenants/{tenant}/executions", token, request)
     assert status == 201, issued
     assert headers["Location"] == f"/v1/tenants/{tenant}/executions/api-1"
-    assert issued["variables"] == {"MODE": {"secret": False}, "TOKEN": {"secret": True}}
+    assert issued["variables"] == {"EXTRA": {"secret": True}, "MODE": {"secret": False},
+                                   "TOKEN": {"secret": True}}  # fmt: skip
     assert CANARY not in json.dumps(issued)
     status, _, shown = api.call("GET", f"/v1/tenants/{tenant}/executions/api-1", token)
     assert status == 200 and shown["spec"]["data"]["TOKEN"]["value"] == "<secret>"
@@ -274,11 +276,11 @@ async def test_an_execution_issued_over_http_runs_like_one_from_the_cli(
         [sys.executable, "-m", "broker.cli", "run", "--tenant", tenant, "--execution", "api-1",
          "--out", str(shm), "--jwt-file", str(vault.jwt_for(tenant, tmp_path)), "--",
          sys.executable, "-c", "import os; print(os.environ['TOKEN'] == " + repr(CANARY) +
-         ", os.environ['MODE'])"],
+         ", os.environ['MODE'], os.environ['EXTRA'] == " + repr(CANARY + "-rt") + ")"],
         env=environ, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert printed.returncode == 0, printed.stderr
-    assert printed.stdout.split() == ["True", "fast"]
+    assert printed.stdout.split() == ["True", "fast", "True"]
     assert api.call("GET", f"/v1/tenants/{tenant}/executions/api-1", token)[0] == 404  # ended
     # The sidecar renders the same files for an execution from the API as from the CLI.
     request["id"] = "api-2"
@@ -287,7 +289,8 @@ async def test_an_execution_issued_over_http_runs_like_one_from_the_cli(
     (tmp_path / "instance.json").write_text(json.dumps(instance))
     created = cli(vault, "execution", "create", "--tenant", tenant, "--agent",
                   str(tmp_path / "agent.json"), "--instance", str(tmp_path / "instance.json"),
-                  "--id", "cli-2", "--ttl", "10m")  # fmt: skip
+                  "--id", "cli-2", "--ttl", "10m", "--secret", "EXTRA",
+                  input=CANARY + "-rt\n")  # fmt: skip
     assert created.returncode == 0, created.stderr
     sidecar = await start_sidecar(vault, tenant, tmp_path, shm)
     try:

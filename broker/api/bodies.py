@@ -10,6 +10,9 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
+import pydantic
+from pydantic import TypeAdapter
+
 from broker import names
 from broker.cli.common import parse_duration
 from broker.control.executions import RuntimeValue, runtime_env
@@ -20,14 +23,20 @@ from broker.model import (
     AgentExecution,
     AgentInstance,
     Environment,
+    ExecutionValue,
     Workflow,
     WorkflowExecution,
     WorkflowInstance,
+    format_errors,
     parse_resource,
 )
+from broker.model.base import VariableName
 
-EXECUTION_FIELDS = {"template", "instance", "execution", "environments", "ttl", "id",
-                    "allow_secret_in_args", "allow_env_names"}  # fmt: skip
+EXECUTION_FIELDS = {"template", "instance", "execution", "environments", "runtime_env", "ttl",
+                    "id", "allow_secret_in_args", "allow_env_names"}  # fmt: skip
+CAMEL = {"runtimeEnv": "runtime_env", "allowSecretInArgs": "allow_secret_in_args",
+         "allowEnvNames": "allow_env_names"}  # fmt: skip
+RUNTIME_ENV = TypeAdapter(dict[VariableName, ExecutionValue])
 
 
 class BodyError(ValidationError):
@@ -76,6 +85,11 @@ def execution(raw: bytes) -> ExecutionRequest:
     body = document(raw, "execution request")
     if not isinstance(body, dict):
         raise ValidationError("execution request", ["(document): must be a JSON object"])
+    for camel, snake in CAMEL.items():  # lowerCamelCase as protobuf JSON allows
+        if camel in body:
+            if snake in body:
+                raise ValidationError("execution request", [f"{camel}: given twice (and {snake})"])
+            body[snake] = body.pop(camel)
     unknown = sorted(set(body) - EXECUTION_FIELDS)
     if unknown:
         raise ValidationError("execution request", [f"{k}: unknown field" for k in unknown])
@@ -88,9 +102,15 @@ def execution(raw: bytes) -> ExecutionRequest:
     if body.get("execution") is not None:
         expected = AgentExecution if isinstance(template, Agent) else WorkflowExecution
         run = _part(body, "execution", (expected,))
-        runtime = runtime_env(
-            {k: RuntimeValue(v.value, v.is_secret) for k, v in run.spec.runtime_env.items()}, {}
-        )
+        runtime = {k: RuntimeValue(v.value, v.is_secret) for k, v in run.spec.runtime_env.items()}
+    if body.get("runtime_env") is not None:  # on top, as `--env`/`--secret` are on the CLI
+        try:
+            extra = RUNTIME_ENV.validate_python(body["runtime_env"])
+        except pydantic.ValidationError as error:
+            raise BodyError(ValidationError("runtime_env", format_errors(error)),
+                            "/runtime_env") from None  # fmt: skip
+        runtime = runtime_env(runtime, {k: RuntimeValue(v.value, v.is_secret)
+                                        for k, v in extra.items()})  # fmt: skip
     return ExecutionRequest(
         template=template,
         instance=instance,

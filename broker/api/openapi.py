@@ -52,7 +52,8 @@ def _schemas() -> dict[str, Any]:
     }  # fmt: skip
     schemas["ExecutionRequest"] = {
         "type": "object",
-        "description": "What `stigmer-broker execution create` takes, as one body.",
+        "description": "What `stigmer-broker execution create` takes, as one body "
+        "(runtimeEnv, allowSecretInArgs and allowEnvNames are accepted too).",
         "required": ["template"],
         "additionalProperties": False,
         "properties": {
@@ -60,6 +61,9 @@ def _schemas() -> dict[str, Any]:
             "instance": {"oneOf": [_ref("AgentInstance"), _ref("WorkflowInstance")]},
             "execution": {"oneOf": [_ref("AgentExecution"), _ref("WorkflowExecution")],
                           "description": "its spec.runtime_env is the execution's layer"},
+            "runtime_env": {"type": "object", "additionalProperties": _ref("ExecutionValue"),
+                            "description": "on top of the execution's runtime_env, as the "
+                            "CLI's --env/--secret are; a secret stays secret"},
             "environments": {"type": "array", "items": {"type": "string"},
                              "description": "more Environments, layered after the instance's"},
             "ttl": {"type": "string", "default": "1h", "examples": ["15m", "1h"]},
