@@ -79,6 +79,7 @@ class ExecutionRequest:
     execution_id: str | None = None
     allow_secret_in_args: bool = False
     allow_env_names: list[str] = field(default_factory=list)
+    execution: AgentExecution | WorkflowExecution | None = None
 
 
 def execution(raw: bytes) -> ExecutionRequest:
@@ -99,6 +100,7 @@ def execution(raw: bytes) -> ExecutionRequest:
     instance = _part(body, "instance", (AgentInstance, WorkflowInstance)) if body.get(
         "instance") is not None else None  # fmt: skip
     runtime: dict[str, RuntimeValue] = {}
+    run = None
     if body.get("execution") is not None:
         expected = AgentExecution if isinstance(template, Agent) else WorkflowExecution
         run = _part(body, "execution", (expected,))
@@ -120,6 +122,7 @@ def execution(raw: bytes) -> ExecutionRequest:
         execution_id=_optional_id(body.get("id")),
         allow_secret_in_args=_flag(body, "allow_secret_in_args"),
         allow_env_names=_names(body, "allow_env_names", names.variable_name),
+        execution=run,
     )
 
 

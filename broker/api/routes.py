@@ -154,6 +154,7 @@ async def post_execution(request: web.Request) -> web.Response:
         execution_id=wanted.execution_id,
         allow_secret_in_args=wanted.allow_secret_in_args,
         allowed_env_names=wanted.allow_env_names,
+        execution=wanted.execution,
     )
     location = EXECUTION.format(tenant=tenant, id=issued.execution_id)
     return web.json_response(issued.as_json(), status=201, headers={"Location": location})

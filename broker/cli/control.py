@@ -21,7 +21,14 @@ from broker.cli.common import (
 
 if TYPE_CHECKING:
     from broker.control.executions import RuntimeValue
-    from broker.model import Agent, AgentInstance, Workflow, WorkflowInstance
+    from broker.model import (
+        Agent,
+        AgentExecution,
+        AgentInstance,
+        Workflow,
+        WorkflowExecution,
+        WorkflowInstance,
+    )
 
 # --- env ----------------------------------------------------------------------------------
 
@@ -124,19 +131,29 @@ def _instance(args: argparse.Namespace) -> AgentInstance | WorkflowInstance | No
     return load_resource(Path(args.instance), (AgentInstance, WorkflowInstance))
 
 
-def _runtime_layer(args: argparse.Namespace, template: Agent | Workflow) -> dict[str, RuntimeValue]:
-    """The execution file's runtime_env, under the flags."""
-    from broker.control.executions import RuntimeValue, runtime_env
+def _execution(
+    args: argparse.Namespace, template: Agent | Workflow
+) -> AgentExecution | WorkflowExecution | None:
+    """``--execution FILE``: an AgentExecution with ``--agent``, a WorkflowExecution with
+    ``--workflow``."""
     from broker.model import Agent, AgentExecution, WorkflowExecution, load_resource
 
+    if not args.execution:
+        return None
+    path = Path(args.execution)
+    if isinstance(template, Agent):
+        return load_resource(path, AgentExecution)
+    return load_resource(path, WorkflowExecution)
+
+
+def _runtime_layer(
+    args: argparse.Namespace, execution: AgentExecution | WorkflowExecution | None
+) -> dict[str, RuntimeValue]:
+    """The execution file's runtime_env, under the flags."""
+    from broker.control.executions import RuntimeValue, runtime_env
+
     from_file: dict[str, RuntimeValue] = {}
-    if args.execution:
-        path = Path(args.execution)
-        execution: AgentExecution | WorkflowExecution = (
-            load_resource(path, AgentExecution)
-            if isinstance(template, Agent)
-            else load_resource(path, WorkflowExecution)
-        )
+    if execution is not None:
         from_file = {
             k: RuntimeValue(v.value, v.is_secret) for k, v in execution.spec.runtime_env.items()
         }
@@ -152,7 +169,8 @@ async def execution_create(args: argparse.Namespace) -> int:
     names.tenant(args.tenant)
     template = _template(args)
     instance = _instance(args)
-    runtime = _runtime_layer(args, template)
+    execution = _execution(args, template)
+    runtime = _runtime_layer(args, execution)
     async with vault() as client:
         issued = await ExecutionIssuer(client, Layout.from_env()).create(
             args.tenant,
@@ -164,6 +182,7 @@ async def execution_create(args: argparse.Namespace) -> int:
             execution_id=args.id,
             allow_secret_in_args=args.allow_secret_in_args,
             allowed_env_names=args.allow_env_name or (),
+            execution=execution,
         )
     emit(issued.as_json(), args.output, issued.execution_id)
     return 0

@@ -6,12 +6,14 @@ from typing import Any
 
 from broker import names
 from broker.config import Layout
+from broker.control.orgs import org_problems
 from broker.control.stored import load_stored
 from broker.errors import Conflict, NotFound, ResourceNotFound, ValidationError
 from broker.model import Environment, to_document
 from broker.vault import KV, Transit, VaultClient
 
 MASK = "<secret>"
+KEPT_VERSIONS = 10  # KV v2's default max_versions: the versions a reference may name
 CIPHERTEXT_PREFIX = "vault:v"
 
 
@@ -38,6 +40,9 @@ class EnvironmentStore:
 
     async def _sealed(self, tenant: str, environment: Environment) -> dict[str, Any]:
         """The document to store: secret values replaced by their ciphertext, in one batch."""
+        problems = org_problems(tenant, [("metadata.org", environment.metadata.org)])
+        if problems:
+            raise ValidationError(f"Environment {environment.name}", problems)
         document = environment.model_dump(mode="json", exclude_none=True)
         data = document["spec"]["data"]
         names = [n for n, e in data.items() if e["is_secret"] and e["value"]]
@@ -97,12 +102,19 @@ class EnvironmentStore:
         """The stored Environment; secret values are ciphertext."""
         return (await self.read(tenant, name))[0]
 
-    async def read(self, tenant: str, name: str) -> tuple[Environment, int]:
-        """The stored Environment (secret values are ciphertext) and its version."""
+    async def read(
+        self, tenant: str, name: str, version: int | None = None
+    ) -> tuple[Environment, int]:
+        """The stored Environment (secret values are ciphertext) and its version; ``version``:
+        that stored version (KV v2 keeps the last ``KEPT_VERSIONS``)."""
         path = self._layout.environment_path(tenant, name)
         label = f"Environment {name}"
+        missing = (
+            f"not found in tenant {tenant}" if version is None else
+            f"version {version} not found in tenant {tenant} (KV keeps the last {KEPT_VERSIONS})"
+        )  # fmt: skip
         environment, version = await load_stored(
-            self._kv, path, Environment, label, f"not found in tenant {tenant}", with_version=True
+            self._kv, path, Environment, label, missing, with_version=True, version=version
         )
         for key, entry in environment.spec.data.items():
             if entry.is_secret and entry.value and not is_ciphertext(entry.value):

@@ -18,14 +18,17 @@ from typing import Any
 from broker import names
 from broker.config import Layout
 from broker.control.environments import MASK, EnvironmentStore, is_ciphertext
+from broker.control.orgs import org_problems
 from broker.errors import Conflict, ContextNotFound, NotFound, ValidationError
 from broker.model import (
     API_VERSION,
     Agent,
+    AgentExecution,
     AgentInstance,
     EnvironmentSpec,
     ExecutionContext,
     Workflow,
+    WorkflowExecution,
     WorkflowInstance,
     parse_resource,
     to_document,
@@ -122,18 +125,84 @@ def runtime_env(
     return merged
 
 
+@dataclass(frozen=True)
+class _Ref:
+    where: str
+    name: str
+    version: int | None = None  # None: the current one
+    org: str = ""
+
+
+def _version(where: str, text: str) -> int | None:
+    """A reference's ``version``: '' or 'latest' is the current one, a number a stored one."""
+    if text in ("", "latest"):
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise ValidationError("execution", [
+            f"{where}.version: {text!r} is not a stored version (Environments are versioned "
+            "1, 2, 3, … by KV v2; or 'latest')"])  # fmt: skip
+    return int(text)
+
+
 def _refs(
     instance: AgentInstance | WorkflowInstance | None, environments: Sequence[str]
-) -> list[tuple[str, str]]:
-    """(where, Environment name) in layering order: the instance's refs, then extra names."""
+) -> list[_Ref]:
+    """The Environments in layering order: the instance's refs, then extra names."""
     ref_field = (
         "spec.env_refs" if isinstance(instance, WorkflowInstance) else "spec.environment_refs"
     )
     refs = [
-        (f"{ref_field}[{i}]", ref.slug)
+        _Ref(f"{ref_field}[{i}]", ref.slug, _version(f"{ref_field}[{i}]", ref.version), ref.org)
         for i, ref in enumerate(instance.environment_refs if instance else [])
     ]
-    return refs + [(f"--environment {n}", names.environment_name(n)) for n in environments]
+    return refs + [_Ref(f"--environment {n}", names.environment_name(n)) for n in environments]
+
+
+def _ids(
+    template: Agent | Workflow,
+    instance: AgentInstance | WorkflowInstance | None,
+    execution: AgentExecution | WorkflowExecution | None,
+) -> list[str]:
+    """Where the execution names its template (or instance) by id, the ids must agree."""
+    problems = []
+    template_ids = {i for i in (template.metadata.id, template.metadata.slug,
+                                template.metadata.name) if i}  # fmt: skip
+    if isinstance(execution, AgentExecution):
+        named, field_name = execution.spec.agent_id, "agent_id"
+    elif isinstance(execution, WorkflowExecution):
+        named, field_name = execution.spec.workflow_id, "workflow_id"
+    else:
+        named, field_name = "", ""
+    if named and template.metadata.id and named not in template_ids:
+        problems.append(f"execution spec.{field_name}: {named!r} is not {template.kind} "
+                        f"{template.metadata.id!r}")  # fmt: skip
+    if isinstance(execution, WorkflowExecution) and instance is not None:
+        bound = execution.spec.workflow_instance_id
+        if bound and instance.metadata.id and bound != instance.metadata.id:
+            problems.append(f"execution spec.workflow_instance_id: {bound!r} is not "
+                            f"{instance.kind} {instance.metadata.id!r}")  # fmt: skip
+    return problems
+
+
+def _orgs(
+    tenant: str,
+    resources: Sequence[
+        tuple[
+            str,
+            Agent
+            | Workflow
+            | AgentInstance
+            | WorkflowInstance
+            | AgentExecution
+            | WorkflowExecution
+            | None,
+        ]
+    ],
+    refs: Sequence[_Ref],
+) -> list[str]:
+    found = [(f"{where} metadata.org", r.metadata.org) for where, r in resources if r is not None]
+    found += [(f"{ref.where}.org", ref.org) for ref in refs]
+    return org_problems(tenant, found)
 
 
 def _runtime(runtime_env: Mapping[str, RuntimeValue] | None) -> Layer:
@@ -198,15 +267,14 @@ class ExecutionIssuer:
         self._transit = Transit(client, layout.transit_mount)
         self._environments = EnvironmentStore(client, layout)
 
-    async def _environment_layers(
-        self, tenant: str, refs: Sequence[tuple[str, str]]
-    ) -> list[Layer]:
+    async def _environment_layers(self, tenant: str, refs: Sequence[_Ref]) -> list[Layer]:
         layers, problems = [], []
-        for where, name in refs:
+        for ref in refs:
+            name = ref.name
             try:
-                environment = await self._environments.get(tenant, name)
+                environment, _ = await self._environments.read(tenant, name, ref.version)
             except ValidationError as exc:
-                problems.append(f"{where}: Environment {name!r} {'; '.join(exc.problems)}")
+                problems.append(f"{ref.where}: Environment {name!r} {'; '.join(exc.problems)}")
                 continue
             entries = {
                 key: Entry(e.value, e.is_secret, e.is_secret and is_ciphertext(e.value))
@@ -241,6 +309,7 @@ class ExecutionIssuer:
         execution_id: str | None = None,
         allow_secret_in_args: bool = False,
         allowed_env_names: Sequence[str] = (),
+        execution: AgentExecution | WorkflowExecution | None = None,
     ) -> IssuedContext:
         """Resolve the execution's environment and write its context; refuse before writing.
 
@@ -253,7 +322,12 @@ class ExecutionIssuer:
         )
         _check_ttl(ttl)
         _check_pairing(template, instance)
-        layers = await self._environment_layers(tenant, _refs(instance, environments))
+        refs = _refs(instance, environments)
+        resources = [("template", template), ("instance", instance), ("execution", execution)]
+        problems = _ids(template, instance, execution) + _orgs(tenant, resources, refs)
+        if problems:
+            raise ValidationError("execution", problems)
+        layers = await self._environment_layers(tenant, refs)
         merged = merge(_template_layer(template.spec.env_spec), [*layers, _runtime(runtime_env)])
         servers = template.spec.mcp_servers if isinstance(template, Agent) else []
         configs = [s.model_dump(mode="json") for s in servers]

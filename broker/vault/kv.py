@@ -44,9 +44,15 @@ class KV:
     def _metadata(self, path: str) -> str:
         return f"{self.mount}/metadata/{path}"
 
-    async def read(self, path: str) -> Document:
-        """The current version; NotFound if it never existed, was deleted or destroyed."""
-        answer = await self._client.get(self._data(path))
+    async def read(self, path: str, version: int | None = None) -> Document:
+        """The current version (or ``version``); NotFound if it never existed, was deleted or
+        destroyed (or KV no longer keeps that version)."""
+        if version is None:
+            answer = await self._client.get(self._data(path))
+        else:
+            answer = await self._client.request(
+                "GET", self._data(path), operation="read", query=f"version={int(version)}"
+            )
         body = answer.get("data") or {}
         data = body.get("data")
         if data is None:  # soft-deleted or expired by delete_version_after
@@ -104,10 +110,12 @@ class KV:
         text = json.dumps(resource, separators=(",", ":"), sort_keys=True)
         return await self.write(path, {"format": FORMAT, "resource": text}, cas=cas)
 
-    async def read_resource(self, path: str, limits: Limits = FILES) -> tuple[dict[str, Any], int]:
-        """The resource document stored at ``path`` and its version; a document beyond
-        ``limits`` is refused (a ValidationError) before it is used."""
-        document = await self.read(path)
+    async def read_resource(
+        self, path: str, limits: Limits = FILES, version: int | None = None
+    ) -> tuple[dict[str, Any], int]:
+        """The resource document stored at ``path`` (its current version, or ``version``) and
+        its version; a document beyond ``limits`` is refused (a ValidationError) before use."""
+        document = await self.read(path, version)
         text = document.data.get("resource")
         if document.data.get("format") != FORMAT or not isinstance(text, str):
             raise VaultError("read", self._data(path), Fault.BAD_ANSWER, detail=f"not {FORMAT}")
