@@ -5,6 +5,8 @@ version selects that stored version, and ids that tie resources together must ag
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -137,3 +139,66 @@ async def test_ids_that_tie_resources_together_must_agree(
                   "--execution", write(tmp_path / "x.json", execution),
                   "--env", "MODE=fast")  # fmt: skip
     assert created.returncode == 0, created.stderr
+
+
+def stigmer_context(execution_id: str, data: dict[str, Any], **spec: Any) -> dict[str, Any]:
+    """An ExecutionContext as Stigmer's backend writes it: protobuf JSON, plaintext values."""
+    return {"apiVersion": "agentic.stigmer.ai/v1", "kind": "ExecutionContext",
+            "metadata": {"name": execution_id},
+            "spec": {"executionId": execution_id, "data": data, **spec}}  # fmt: skip
+
+
+async def test_an_imported_context_is_encrypted_checked_and_runs(
+    vault: Vault, admin: VaultClient, tenant: str, tmp_path: Path, shm: Path
+) -> None:
+    secret = "imported-secret-value-42"
+    document = stigmer_context("imp-1", {"TOKEN": {"value": secret, "isSecret": True},
+                                         "MODE": {"value": "fast"}})  # fmt: skip
+    source = write(tmp_path / "context.json", document)
+    imported = cli(vault, "execution", "import", "-f", source, "--tenant", tenant,
+                   "--ttl", "10m", "-o", "json")  # fmt: skip
+    assert imported.returncode == 0, imported.stderr
+    answer = json.loads(imported.stdout)
+    assert answer["id"] == "imp-1" and secret not in imported.stdout
+    assert answer["variables"] == {"MODE": {"secret": False}, "TOKEN": {"secret": True}}
+    stored = await admin.get(f"stigmer/data/execution-contexts/{tenant}/imp-1")
+    assert secret not in json.dumps(stored) and "vault:v1:" in json.dumps(stored)
+    environ = vault.environ()
+    environ.pop("VAULT_TOKEN")
+    ran = subprocess.run(
+        [sys.executable, "-m", "broker.cli", "run", "--tenant", tenant, "--execution", "imp-1",
+         "--out", str(shm), "--jwt-file", str(vault.jwt_for(tenant, tmp_path)), "--",
+         sys.executable, "-c", f"import os; print(os.environ['TOKEN'] == {secret!r})"],
+        env=environ, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert ran.returncode == 0 and ran.stdout.strip() == "True", ran.stderr
+    holding = [p for root in (tmp_path, shm) for p in root.rglob("*")
+               if p.is_file() and secret.encode() in p.read_bytes()]  # fmt: skip
+    assert holding == [tmp_path / "context.json"]  # read, never copied
+
+
+async def test_a_bad_import_is_refused_by_name_and_writes_nothing(
+    vault: Vault, admin: VaultClient, tenant: str, tmp_path: Path
+) -> None:
+    value = {"value": "v"}
+    cases = [
+        (stigmer_context("imp-2", {"LD_PRELOAD": value}), "LD_PRELOAD: refused"),
+        (stigmer_context("imp-2", {"A": {"value": "a\u0000b", "isSecret": True}}), "spec.data.A"),
+        (stigmer_context("imp-2", {"A": value}, tenant="other"), "spec.tenant: 'other'"),
+        (stigmer_context("bad id!", {"A": value}), "execution id"),
+        ({**stigmer_context("imp-2", {"A": value}), "kind": "Environment"}, "kind"),
+        (stigmer_context("imp-2", {"A": {"value": ""}}), "spec.data.A.value"),
+    ]
+    for document, problem in cases:
+        result = cli(vault, "execution", "import", "-f", write(tmp_path / "c.json", document),
+                     "--tenant", tenant)  # fmt: skip
+        assert result.returncode == 2 and problem in result.stderr, (problem, result.stderr)
+        assert "Traceback" not in result.stderr
+    assert await contexts(admin, tenant) == []
+    good = write(tmp_path / "c.json", stigmer_context("imp-3", {"A": value}))
+    assert cli(vault, "execution", "import", "-f", good, "--tenant", tenant).returncode == 0
+    again = cli(vault, "execution", "import", "-f", good, "--tenant", tenant)
+    assert again.returncode == 2 and "already exists" in again.stderr
+    allowed = write(tmp_path / "c.json", stigmer_context("imp-4", {"LD_PRELOAD": value}))
+    assert cli(vault, "execution", "import", "-f", allowed, "--tenant", tenant,
+               "--allow-env-name", "LD_PRELOAD").returncode == 0  # fmt: skip

@@ -188,6 +188,26 @@ async def execution_create(args: argparse.Namespace) -> int:
     return 0
 
 
+async def execution_import(args: argparse.Namespace) -> int:
+    from broker import names
+    from broker.config import Layout
+    from broker.control.executions import ExecutionIssuer
+    from broker.model import ExecutionContext, load_resource
+
+    names.tenant(args.tenant)
+    imported = load_resource(Path(args.file), ExecutionContext)  # read once, never copied
+    async with vault() as client:
+        issued = await ExecutionIssuer(client, Layout.from_env()).import_context(
+            args.tenant,
+            imported,
+            ttl=parse_duration(args.ttl),
+            allow_secret_in_args=args.allow_secret_in_args,
+            allowed_env_names=args.allow_env_name or (),
+        )
+    emit(issued.as_json(), args.output, issued.execution_id)
+    return 0
+
+
 async def execution_show(args: argparse.Namespace) -> int:
     from broker.config import Layout
     from broker.control.executions import ExecutionIssuer
@@ -261,6 +281,20 @@ def _register_env(commands: Group) -> None:
     add_output(p)
 
 
+def _add_allowances(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--allow-secret-in-args",
+        action="store_true",
+        help="let secrets reach argv and URLs (recorded in the context)",
+    )
+    p.add_argument(
+        "--allow-env-name",
+        action="append",
+        metavar="NAME",
+        help="let a refused variable name (PATH, LD_*, …) through for this execution",
+    )
+
+
 def _register_execution(commands: Group) -> None:
     execution = commands.add_parser("execution", help="executions").add_subparsers(
         dest="execution_command", required=True, metavar="COMMAND")  # fmt: skip
@@ -284,18 +318,18 @@ def _register_execution(commands: Group) -> None:
     p.add_argument("--runtime-env", action="append", metavar="[secret:]K=V")
     p.add_argument("--ttl", default="1h", help="lifetime of the context (at most 7d)")
     p.add_argument("--id", help="execution id (default: generated)")
-    p.add_argument(
-        "--allow-secret-in-args",
-        action="store_true",
-        help="let secrets reach argv and URLs (recorded in the context)",
-    )
-    p.add_argument(
-        "--allow-env-name",
-        action="append",
-        metavar="NAME",
-        help="let a refused variable name (PATH, LD_*, …) through for this execution",
-    )
+    _add_allowances(p)
     add_output(p)  # fmt: skip
+    p = command(
+        execution, "import", execution_import,
+        "issue an ExecutionContext produced elsewhere (plaintext values, is_secret)",
+        "stigmer-broker execution import -f context.json --tenant acme --ttl 15m",
+    )  # fmt: skip
+    p.add_argument("-f", "--file", required=True, help="the ExecutionContext (YAML or JSON)")
+    add_tenant(p)
+    p.add_argument("--ttl", default="1h", help="lifetime of the context (at most 7d)")
+    _add_allowances(p)
+    add_output(p)
     p = command(execution, "show", execution_show, "show an execution context (secrets masked)",
                 "stigmer-broker execution show exec-123 --tenant acme")  # fmt: skip
     p.add_argument("id")

@@ -222,7 +222,7 @@ def _expiry(ttl: timedelta) -> datetime:
 def _context(
     execution_id: str,
     tenant: str,
-    template: Agent | Workflow,
+    template: str,
     merged: Mapping[str, Variable],
     servers: Sequence[dict[str, Any]],
     expires_at: datetime,
@@ -237,7 +237,7 @@ def _context(
             "spec": {
                 "execution_id": execution_id,
                 "tenant": tenant,
-                "template": f"{template.kind}/{template.metadata.display}",
+                "template": template,
                 "data": {
                     n: {"value": v.value, "is_secret": v.is_secret} for n, v in merged.items()
                 },
@@ -338,7 +338,8 @@ class ExecutionIssuer:
             raise ValidationError("execution", refused)
         merged = await self._seal(tenant, merged)
         expires_at = _expiry(ttl)
-        context = _context(execution_id, tenant, template, merged, configs, expires_at,
+        label = f"{template.kind}/{template.metadata.display}"
+        context = _context(execution_id, tenant, label, merged, configs, expires_at,
                            allow_secret_in_args, allowed)  # fmt: skip
         path = self._layout.context_path(tenant, execution_id)
         await self._write(path, context, ttl)
@@ -349,6 +350,42 @@ class ExecutionIssuer:
             expires_at=expires_at,
             variables=mask(merged),
         )
+
+    async def import_context(
+        self,
+        tenant: str,
+        imported: ExecutionContext,
+        ttl: timedelta = timedelta(hours=1),
+        allow_secret_in_args: bool = False,
+        allowed_env_names: Sequence[str] = (),
+    ) -> IssuedContext:
+        """Issue an ExecutionContext produced elsewhere (Stigmer's backend: plaintext values
+        with ``is_secret`` flags) with the checks of :meth:`create`: its secrets are encrypted
+        here, nothing is written if anything is refused."""
+        names.tenant(tenant)
+        spec = imported.spec
+        execution_id = names.execution_id(spec.execution_id)
+        _check_ttl(ttl)
+        problems = org_problems(tenant, [("metadata.org", imported.metadata.org)])
+        if spec.tenant and spec.tenant != tenant:
+            problems.append(f"spec.tenant: {spec.tenant!r} is not --tenant {tenant}")
+        merged = {n: Variable(v.value, v.is_secret, False, "import") for n, v in spec.data.items()}
+        configs = [s.model_dump(mode="json") for s in spec.mcp_servers]
+        allowed = sorted(set(allowed_env_names) | set(spec.allowed_env_names))
+        problems += names.refused_variables(environment_names(merged, configs), set(allowed))
+        if problems:
+            raise ValidationError("execution import", problems)
+        allow_args = allow_secret_in_args or spec.allow_secret_in_args
+        resolve_servers(configs, merged, allow_args)  # fail closed before any write
+        merged = await self._seal(tenant, merged)
+        expires_at = _expiry(ttl)
+        context = _context(execution_id, tenant, spec.template or "imported", merged, configs,
+                           expires_at, allow_args, allowed)  # fmt: skip
+        path = self._layout.context_path(tenant, execution_id)
+        await self._write(path, context, ttl)
+        return IssuedContext(execution_id=execution_id, tenant=tenant,
+                             context_path=f"{self._layout.kv_mount}/data/{path}",
+                             expires_at=expires_at, variables=mask(merged))  # fmt: skip
 
     async def _write(self, path: str, context: ExecutionContext, ttl: timedelta) -> None:
         """Metadata first (so KV's expiry applies from version 1), then the context (cas 0)."""
