@@ -35,6 +35,7 @@ class RunSettings:
     out: OutputRoot
     credentials: Credentials
     allow_secret_in_args: bool = False
+    mcp_formats: tuple[str, ...] = ()
     login_max_ttl: float = 2 * 3600
     login_timeout: float = 30.0
     deadline: float = 60.0
@@ -132,6 +133,7 @@ def _core(client: VaultClient, layout: Layout, settings: RunSettings) -> Executi
         holder="run",
         pod=os.environ.get("POD_NAME") or os.uname().nodename,
         allow_secret_in_args=settings.allow_secret_in_args,
+        mcp_formats=settings.mcp_formats,
         child_policies=None,  # a given token's child keeps the parent's policies
         deadline=settings.deadline,
         context_limits=settings.context_limits,

@@ -59,6 +59,7 @@ async def run(args: argparse.Namespace) -> int:
         out=OutputRoot(Path(args.out) if args.out else default_out_dir(), args.allow_disk),
         credentials=_credentials(args),
         allow_secret_in_args=args.allow_secret_in_args,
+        mcp_formats=tuple(args.mcp_format or ()),
         login_max_ttl=positive_seconds(args.login_max_ttl, "--login-max-ttl"),
         deadline=positive_seconds(args.deadline, "--deadline"),
         kill_after=seconds(args.kill_after),
@@ -95,6 +96,7 @@ async def sidecar(args: argparse.Namespace) -> int:
         allow_uids=tuple(args.allow_uid or ()),
         pod=args.pod or os.environ.get("POD_NAME") or os.uname().nodename,
         allow_secret_in_args=args.allow_secret_in_args,
+        mcp_formats=tuple(args.mcp_format or ()),
         startup_timeout=positive_seconds(args.startup_timeout, "--startup-timeout"),
         lease_check_interval=positive_seconds(args.lease_check_interval, "--lease-check-interval"),
         vault_check_interval=positive_seconds(args.vault_check_interval, "--vault-check-interval"),
@@ -134,6 +136,11 @@ def _runner_flags(parser: argparse.ArgumentParser, methods: list[str]) -> None:
     p.add_argument(
         "--allow-secret-in-args", action="store_true", help="allow secrets in argv and URLs"
     )
+    p.add_argument(
+        "--mcp-format", action="append", choices=["mcpservers", "vscode", "stigmer"],
+        help="also write this MCP config shape: vscode → mcp.vscode.json, stigmer → "
+        "mcp.stigmer.json (timeout_seconds, enabled_tools); mcp.json is always written",
+    )  # fmt: skip
     p.add_argument(
         "--login-max-ttl",
         default="2h",

@@ -80,6 +80,7 @@ class CoreSettings:
     holder: str  # recorded in claims: "run" or "sidecar"
     pod: str = ""
     allow_secret_in_args: bool = False
+    mcp_formats: tuple[str, ...] = ()  # MCP config shapes beside mcp.json (--mcp-format)
     child_policies: tuple[str, ...] | None = ("stigmer-runner",)  # None: the parent's
     deadline: float = 60.0  # seconds for one whole preparation
     context_limits: Limits = CONTEXTS  # a larger context is refused before decrypting
@@ -242,8 +243,9 @@ class ExecutionCore:
         allow = self.settings.allow_secret_in_args or context.allow_secret_in_args
         servers: list[ServerConfig] = resolve_servers(context.mcp_servers, variables, allow)
         files = contents(
-            context.execution_id, context.tenant, variables, servers, context.expires_at
-        )
+            context.execution_id, context.tenant, variables, servers, context.expires_at,
+            self.settings.mcp_formats,
+        )  # fmt: skip
         directory = self.settings.out.create(context.execution_id, reader_uid)
         try:
             render(directory, files, reader_uid)

@@ -46,15 +46,22 @@ def contents(
     variables: Mapping[str, Variable],
     servers: Sequence[ServerConfig],
     expires_at: datetime | None,
+    mcp_formats: Sequence[str] = (),
 ) -> dict[str, bytes]:
-    """The four files' bytes; ``variables`` hold plaintext, ``servers`` are resolved."""
+    """The files' bytes; ``variables`` hold plaintext, ``servers`` are resolved.
+    ``mcp_formats``: more MCP config shapes beside ``mcp.json`` (``formats.MCP_FORMATS``)."""
     values = {name: var.value for name, var in variables.items()}
     files = {
         "env": envfile.write(values).encode(),
         "env.json": formats.as_json_lines(values),
-        "mcp.json": formats.as_json(formats.mcp_config(servers)),
     }
+    written = {}
+    for shape in ("mcpservers", *sorted(set(mcp_formats) - {"mcpservers"})):
+        file_name, build = formats.MCP_FORMATS[shape]
+        files[file_name] = formats.as_json(build(servers))
+        written[shape] = file_name
     manifest = formats.manifest(execution_id, tenant, variables, servers, expires_at, files)
+    manifest["mcp_configs"] = written
     files["manifest.json"] = formats.as_json_lines(manifest)
     return files
 

@@ -1,5 +1,9 @@
 """File contents: the MCP client config shapes and the manifest. No I/O.
 
+Besides ``mcp.json``, ``--mcp-format vscode`` writes ``mcp.vscode.json`` (``{"servers": {name:
+{"type": "stdio"|"http", ...}}}``) and ``--mcp-format stigmer`` writes ``mcp.stigmer.json``
+(``{"mcp_servers": [definition, ...]}`` with ``timeout_seconds`` and ``enabled_tools``).
+
 ``mcp.json`` is ``{"mcpServers": {name: entry}}``, the shape Claude Desktop, Claude Code and
 Cursor read: stdio → ``command``, ``args``, ``env``, ``cwd``; http → ``"type": "http"``,
 ``url`` (query params appended, URL-encoded), ``headers``; docker → ``"command": "docker"``
@@ -10,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 from urllib.parse import urlencode, urlsplit, urlunsplit
@@ -75,6 +79,31 @@ def mcp_entry(server: ServerConfig) -> dict[str, Any]:
 
 def mcp_config(servers: Sequence[ServerConfig]) -> dict[str, Any]:
     return {"mcpServers": {server["name"]: mcp_entry(server) for server in servers}}
+
+
+def vscode_config(servers: Sequence[ServerConfig]) -> dict[str, Any]:
+    """VS Code's ``.vscode/mcp.json`` shape: ``servers`` with an explicit ``type``."""
+    entries = {}
+    for server in servers:
+        entry = mcp_entry(server)
+        if server_type(server) != "http":
+            entry = {"type": "stdio", **entry}
+        entries[server["name"]] = entry
+    return {"servers": entries}
+
+
+def stigmer_config(servers: Sequence[ServerConfig]) -> dict[str, Any]:
+    """Stigmer's own shape: each resolved server definition as the agent declares it, with
+    ``timeout_seconds`` and ``enabled_tools`` kept (the other shapes have no place for them)."""
+    return {"mcp_servers": [dict(server) for server in servers]}
+
+
+# --mcp-format: the file each shape goes to. mcp.json (mcpServers) is always written.
+MCP_FORMATS: dict[str, tuple[str, Callable[[Sequence[ServerConfig]], dict[str, Any]]]] = {
+    "mcpservers": ("mcp.json", mcp_config),
+    "vscode": ("mcp.vscode.json", vscode_config),
+    "stigmer": ("mcp.stigmer.json", stigmer_config),
+}
 
 
 def as_json(document: Any) -> bytes:

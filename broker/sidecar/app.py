@@ -48,6 +48,7 @@ class SidecarSettings:
     allow_uids: tuple[int, ...] = ()
     pod: str = ""
     allow_secret_in_args: bool = False
+    mcp_formats: tuple[str, ...] = ()
     startup_timeout: float = 30.0
     lease_check_interval: float = 15.0
     vault_check_interval: float = 5.0
@@ -75,6 +76,7 @@ def _core(
         holder="sidecar",
         pod=settings.pod,
         allow_secret_in_args=settings.allow_secret_in_args,
+        mcp_formats=settings.mcp_formats,
         deadline=settings.deadline,
         context_limits=settings.context_limits,
     )
