@@ -37,6 +37,14 @@ _REFERENCE = re.compile(
 )
 
 
+def referenced_name(match: re.Match[str]) -> str:
+    """The variable a ``PLACEHOLDER`` match names ('' for an escaped or malformed one)."""
+    if match.group("escaped") is not None:
+        return ""
+    reference = _REFERENCE.match(match.group("body"))
+    return reference.group("name") if reference else ""
+
+
 @dataclass(frozen=True)
 class Entry:
     """One layer's word on one variable."""
@@ -64,12 +72,16 @@ class Variable:
     source: str
 
 
-def merge(template: Layer, layers: Sequence[Layer]) -> dict[str, Variable]:
+def merge(
+    template: Layer, layers: Sequence[Layer], optional: Iterable[str] = ()
+) -> dict[str, Variable]:
     """Merge the template's env_spec with the later layers; refuse if required ones are missing.
 
-    ``template`` entries with an empty value are declarations (required); the others are
-    defaults. Raises :class:`ValidationError` listing every required variable left unset.
+    ``template`` entries with an empty value are declarations (required unless named in
+    ``optional``); the others are defaults. Raises :class:`ValidationError` listing every
+    required variable left unset.
     """
+    optional = frozenset(optional)
     merged: dict[str, Variable] = {}
     secret: set[str] = set()
     required: list[str] = []
@@ -78,7 +90,7 @@ def merge(template: Layer, layers: Sequence[Layer]) -> dict[str, Variable]:
             if entry.is_secret:
                 secret.add(name)
             if entry.value == "":
-                if layer is template:
+                if layer is template and name not in optional:
                     required.append(name)
                 continue
             merged[name] = Variable(entry.value, False, entry.sealed, layer.name)

@@ -409,3 +409,43 @@ async def test_fuzzed_requests_from_the_openapi_document_never_get_a_5xx(
     assert sum(statuses.values()) >= 200 and statuses[200] and statuses[422], statuses
     added = await stored_keys(admin) - before
     assert added <= accepted, sorted(added - accepted)
+
+
+async def test_the_api_takes_the_declaration_model_with_its_mcp_servers(
+    api: Api, admin: VaultClient, tenant: str
+) -> None:
+    token = await token_with(admin, "stigmer-control-plane")
+    body = environment("prod", {"REVIEW_TOKEN": (CANARY, True), "UNDECLARED": ("x", False)})
+    assert api.call("PUT", f"/v1/tenants/{tenant}/environments/prod", token, body)[0] == 201
+    server = {
+        "apiVersion": "agentic.stigmer.ai/v1",
+        "kind": "McpServer",
+        "metadata": {"name": "review"},
+        "spec": {
+            "env": {"REVIEW_TOKEN": {"isSecret": True}},
+            "http": {
+                "url": "https://mcp.example.com",
+                "headers": {"Authorization": "Bearer ${REVIEW_TOKEN}"},
+            },
+        },
+    }
+    agent = {
+        "apiVersion": "agentic.stigmer.ai/v1",
+        "kind": "Agent",
+        "metadata": {"name": "reviewer"},
+        "spec": {
+            "instructions": "Review the pull request.",
+            "env": {"LOG_LEVEL": {"optional": True}},
+            "mcpServerUsages": [{"mcpServerRef": {"kind": 44, "slug": "review"}}],
+        },
+    }
+    request = {"template": agent, "environments": ["prod"], "mcpServers": [server]}
+    status, _, issued = api.call("POST", f"/v1/tenants/{tenant}/executions", token, request)
+    assert status == 201, issued
+    assert issued["variables"] == {"REVIEW_TOKEN": {"secret": True}}
+    request["mcpServers"] = []
+    status, _, problem = api.call("POST", f"/v1/tenants/{tenant}/executions", token, request)
+    assert status == 422 and "not given" in problem["detail"], problem
+    request["mcpServers"] = [{**server, "spec": {"env": {}, "docker": {"image": "x"}}}]
+    status, _, problem = api.call("POST", f"/v1/tenants/{tenant}/executions", token, request)
+    assert status == 422 and problem["errors"][0]["pointer"].startswith("/mcp_servers/0"), problem

@@ -24,6 +24,7 @@ from broker.model import (
     AgentInstance,
     Environment,
     ExecutionValue,
+    McpServer,
     Workflow,
     WorkflowExecution,
     WorkflowInstance,
@@ -33,9 +34,9 @@ from broker.model import (
 from broker.model.base import VariableName
 
 EXECUTION_FIELDS = {"template", "instance", "execution", "environments", "runtime_env", "ttl",
-                    "id", "allow_secret_in_args", "allow_env_names"}  # fmt: skip
+                    "id", "allow_secret_in_args", "allow_env_names", "mcp_servers"}  # fmt: skip
 CAMEL = {"runtimeEnv": "runtime_env", "allowSecretInArgs": "allow_secret_in_args",
-         "allowEnvNames": "allow_env_names"}  # fmt: skip
+         "allowEnvNames": "allow_env_names", "mcpServers": "mcp_servers"}  # fmt: skip
 RUNTIME_ENV = TypeAdapter(dict[VariableName, ExecutionValue])
 
 
@@ -80,6 +81,7 @@ class ExecutionRequest:
     allow_secret_in_args: bool = False
     allow_env_names: list[str] = field(default_factory=list)
     execution: AgentExecution | WorkflowExecution | None = None
+    mcp_servers: list[McpServer] = field(default_factory=list)
 
 
 def execution(raw: bytes) -> ExecutionRequest:
@@ -123,7 +125,21 @@ def execution(raw: bytes) -> ExecutionRequest:
         allow_secret_in_args=_flag(body, "allow_secret_in_args"),
         allow_env_names=_names(body, "allow_env_names", names.variable_name),
         execution=run,
+        mcp_servers=_servers(body),
     )
+
+
+def _servers(body: dict[str, Any]) -> list[McpServer]:
+    listed = body.get("mcp_servers", [])
+    if not isinstance(listed, list):
+        raise ValidationError("execution request", ["mcp_servers: must be a list of McpServers"])
+    servers = []
+    for index, document in enumerate(listed):
+        try:
+            servers.append(parse_resource(document, McpServer))
+        except ValidationError as error:
+            raise BodyError(error, f"/mcp_servers/{index}") from None
+    return servers
 
 
 def _part(body: dict[str, Any], key: str, kinds: tuple[type[Any], ...]) -> Any:

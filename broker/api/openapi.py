@@ -15,6 +15,7 @@ from broker.model import (
     AgentInstance,
     Environment,
     ExecutionContext,
+    McpServer,
     Workflow,
     WorkflowExecution,
     WorkflowInstance,
@@ -31,7 +32,7 @@ def _ref(name: str) -> dict[str, str]:
 
 def _schemas() -> dict[str, Any]:
     models = [Environment, Agent, Workflow, AgentInstance, WorkflowInstance, AgentExecution,
-              WorkflowExecution, ExecutionContext]  # fmt: skip
+              WorkflowExecution, ExecutionContext, McpServer]  # fmt: skip
     _, top = models_json_schema(
         [(m, "validation") for m in models], by_alias=False, ref_template=REF
     )
@@ -64,6 +65,8 @@ def _schemas() -> dict[str, Any]:
             "runtime_env": {"type": "object", "additionalProperties": _ref("ExecutionValue"),
                             "description": "on top of the execution's runtime_env, as the "
                             "CLI's --env/--secret are; a secret stays secret"},
+            "mcp_servers": {"type": "array", "items": _ref("McpServer"),
+                            "description": "McpServers the template's mcp_server_usages name"},
             "environments": {"type": "array", "items": {"type": "string"},
                              "description": "more Environments, layered after the instance's"},
             "ttl": {"type": "string", "default": "1h", "examples": ["15m", "1h"]},

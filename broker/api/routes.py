@@ -155,6 +155,7 @@ async def post_execution(request: web.Request) -> web.Response:
         allow_secret_in_args=wanted.allow_secret_in_args,
         allowed_env_names=wanted.allow_env_names,
         execution=wanted.execution,
+        mcp_servers=wanted.mcp_servers,
     )
     location = EXECUTION.format(tenant=tenant, id=issued.execution_id)
     return web.json_response(issued.as_json(), status=201, headers={"Location": location})

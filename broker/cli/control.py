@@ -25,6 +25,7 @@ if TYPE_CHECKING:
         Agent,
         AgentExecution,
         AgentInstance,
+        McpServer,
         Workflow,
         WorkflowExecution,
         WorkflowInstance,
@@ -146,6 +147,15 @@ def _execution(
     return load_resource(path, WorkflowExecution)
 
 
+def _mcp_servers(args: argparse.Namespace) -> list[McpServer]:
+    from broker.model import McpServer, load_documents, parse_resource
+
+    servers: list[McpServer] = []
+    for file_name in args.mcp_server or []:
+        servers += [parse_resource(d, McpServer) for d in load_documents(Path(file_name))]
+    return servers
+
+
 def _runtime_layer(
     args: argparse.Namespace, execution: AgentExecution | WorkflowExecution | None
 ) -> dict[str, RuntimeValue]:
@@ -183,6 +193,7 @@ async def execution_create(args: argparse.Namespace) -> int:
             allow_secret_in_args=args.allow_secret_in_args,
             allowed_env_names=args.allow_env_name or (),
             execution=execution,
+            mcp_servers=_mcp_servers(args),
         )
     emit(issued.as_json(), args.output, issued.execution_id)
     return 0
@@ -314,6 +325,9 @@ def _register_execution(commands: Group) -> None:
     )
     p.add_argument("--environment", action="append", metavar="NAME",
                    help="an Environment layered after the instance's refs")  # fmt: skip
+    p.add_argument("--mcp-server", action="append", metavar="FILE",
+                   help="McpServer resources the agent uses (spec.mcp_server_usages); a file "
+                   "may hold several")  # fmt: skip
     add_value_flags(p)
     p.add_argument("--runtime-env", action="append", metavar="[secret:]K=V")
     p.add_argument("--ttl", default="1h", help="lifetime of the context (at most 7d)")

@@ -17,6 +17,7 @@ from typing import Any
 
 from broker import names
 from broker.config import Layout
+from broker.control import declared
 from broker.control.environments import MASK, EnvironmentStore, is_ciphertext
 from broker.control.orgs import org_problems
 from broker.errors import Conflict, ContextNotFound, NotFound, ValidationError
@@ -27,6 +28,8 @@ from broker.model import (
     AgentInstance,
     EnvironmentSpec,
     ExecutionContext,
+    McpServer,
+    Resource,
     Workflow,
     WorkflowExecution,
     WorkflowInstance,
@@ -186,18 +189,7 @@ def _ids(
 
 def _orgs(
     tenant: str,
-    resources: Sequence[
-        tuple[
-            str,
-            Agent
-            | Workflow
-            | AgentInstance
-            | WorkflowInstance
-            | AgentExecution
-            | WorkflowExecution
-            | None,
-        ]
-    ],
+    resources: Sequence[tuple[str, Resource | None]],
     refs: Sequence[_Ref],
 ) -> list[str]:
     found = [(f"{where} metadata.org", r.metadata.org) for where, r in resources if r is not None]
@@ -310,11 +302,14 @@ class ExecutionIssuer:
         allow_secret_in_args: bool = False,
         allowed_env_names: Sequence[str] = (),
         execution: AgentExecution | WorkflowExecution | None = None,
+        mcp_servers: Sequence[McpServer] = (),
     ) -> IssuedContext:
         """Resolve the execution's environment and write its context; refuse before writing.
 
         Variable names that change how the runner's programs start (``names.refused_variable``)
         are refused unless listed in ``allowed_env_names``; the allowance is recorded.
+        ``mcp_servers``: the McpServer resources a template of the newer model uses
+        (``spec.mcp_server_usages``, by slug).
         """
         names.tenant(tenant)
         execution_id = (
@@ -323,14 +318,25 @@ class ExecutionIssuer:
         _check_ttl(ttl)
         _check_pairing(template, instance)
         refs = _refs(instance, environments)
-        resources = [("template", template), ("instance", instance), ("execution", execution)]
+        resources = [("template", template), ("instance", instance), ("execution", execution),
+                     *((f"McpServer {s.slug}", s) for s in mcp_servers)]  # fmt: skip
         problems = _ids(template, instance, execution) + _orgs(tenant, resources, refs)
+        if isinstance(template, Agent):
+            problems += org_problems(tenant, [
+                (f"spec.mcp_server_usages[{i}].mcp_server_ref.org", u.mcp_server_ref.org)
+                for i, u in enumerate(template.spec.mcp_server_usages)])  # fmt: skip
         if problems:
             raise ValidationError("execution", problems)
-        layers = await self._environment_layers(tenant, refs)
-        merged = merge(_template_layer(template.spec.env_spec), [*layers, _runtime(runtime_env)])
-        servers = template.spec.mcp_servers if isinstance(template, Agent) else []
-        configs = [s.model_dump(mode="json") for s in servers]
+        layers = [*await self._environment_layers(tenant, refs), _runtime(runtime_env)]
+        if declared.uses_declarations(template):
+            used = declared.used_servers(template, mcp_servers)
+            env, optional, keys = declared.template_layer(template, [s for _, s, _ in used])
+            merged = declared.whitelist(merge(env, layers, optional), keys)
+            configs = declared.server_configs(used, merged)
+        else:
+            merged = merge(_template_layer(template.spec.env_spec), layers)
+            servers = template.spec.mcp_servers if isinstance(template, Agent) else []
+            configs = [s.model_dump(mode="json") for s in servers]
         resolve_servers(configs, merged, allow_secret_in_args)  # fail closed before any write
         allowed = sorted(set(allowed_env_names))
         refused = names.refused_variables(environment_names(merged, configs), set(allowed))

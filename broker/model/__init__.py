@@ -20,6 +20,12 @@ from broker.model.base import (
     ProtoModel,
     Resource,
 )
+from broker.model.declarations import (
+    EnvVarDeclaration,
+    McpServer,
+    McpServerSpec,
+    McpServerUsage,
+)
 from broker.model.documents import (
     RESOURCE_TYPES,
     format_errors,
@@ -68,6 +74,7 @@ __all__ = [
     "AgentSpec",
     "ApiResourceReference",
     "DockerServer",
+    "EnvVarDeclaration",
     "Environment",
     "EnvironmentRef",
     "EnvironmentSpec",
@@ -76,7 +83,10 @@ __all__ = [
     "ExecutionContextSpec",
     "ExecutionValue",
     "HttpServer",
+    "McpServer",
     "McpServerDefinition",
+    "McpServerSpec",
+    "McpServerUsage",
     "Metadata",
     "PortMapping",
     "ProtoModel",

@@ -12,6 +12,7 @@ import yaml
 from broker.errors import ValidationError
 from broker.limits import FILES, Limits, check_size, check_tree, parse_json
 from broker.model.base import Resource
+from broker.model.declarations import McpServer
 from broker.model.environment import Environment
 from broker.model.executions import AgentExecution, ExecutionContext, WorkflowExecution
 from broker.model.templates import Agent, AgentInstance, Workflow, WorkflowInstance
@@ -27,6 +28,7 @@ RESOURCE_TYPES: dict[str, type[Resource]] = {
         AgentExecution,
         WorkflowExecution,
         ExecutionContext,
+        McpServer,
     )
 }
 

@@ -13,6 +13,7 @@ from broker.model.base import (
     ProtoModel,
     Resource,
 )
+from broker.model.declarations import Declarations, McpServerUsage
 from broker.model.environment import EnvironmentSpec
 from broker.model.mcp import McpServers
 
@@ -25,6 +26,12 @@ def _skill_refs(refs: list[ApiResourceReference]) -> list[ApiResourceReference]:
 
 
 SkillRefs = Annotated[list[ApiResourceReference], AfterValidator(_skill_refs)]
+
+
+_MIXED = (
+    "uses both declaration models ({old}; {new}): use spec.env and mcp_server_usages, "
+    "or the deprecated spec.env_spec and inline mcp_servers, not both"
+)
 
 
 class McpToolSelection(ProtoModel):
@@ -48,6 +55,23 @@ class AgentSpec(ProtoModel):
     skill_refs: SkillRefs = Field(default_factory=list)
     sub_agents: list[SubAgent] = Field(default_factory=list)
     env_spec: EnvironmentSpec = Field(default_factory=EnvironmentSpec)
+    env: Declarations = Field(default_factory=dict)  # the newer model (§8)
+    mcp_server_usages: list[McpServerUsage] = Field(default_factory=list)
+
+    @property
+    def declares(self) -> bool:
+        """Does this template use the newer declaration model?"""
+        return bool(self.env or self.mcp_server_usages)
+
+    @model_validator(mode="after")
+    def _one_model(self) -> AgentSpec:
+        old = [f for f, v in (("env_spec", self.env_spec.data), ("mcp_servers", self.mcp_servers))
+               if v]  # fmt: skip
+        new = [f for f, v in (("env", self.env), ("mcp_server_usages", self.mcp_server_usages))
+               if v]  # fmt: skip
+        if old and new:
+            raise ValueError(_MIXED.format(old=", ".join(old), new=", ".join(new)))
+        return self
 
     @model_validator(mode="after")
     def _sub_agents_use_known_servers(self) -> AgentSpec:
@@ -73,6 +97,17 @@ class WorkflowSpec(ProtoModel):
     document: dict[str, Any]
     tasks: Annotated[list[dict[str, Any]], Field(min_length=1)]
     env_spec: EnvironmentSpec = Field(default_factory=EnvironmentSpec)
+    env: Declarations = Field(default_factory=dict)  # the newer model (§8)
+
+    @property
+    def declares(self) -> bool:
+        return bool(self.env)
+
+    @model_validator(mode="after")
+    def _one_model(self) -> WorkflowSpec:
+        if self.env_spec.data and self.env:
+            raise ValueError(_MIXED.format(old="env_spec", new="env"))
+        return self
 
 
 class Workflow(Resource):

@@ -92,10 +92,22 @@ def vscode_config(servers: Sequence[ServerConfig]) -> dict[str, Any]:
     return {"servers": entries}
 
 
+# What a stdio server's process may inherit beside its declared variables (stigmer-model.md
+# §8: "a minimal base environment"); the MCP client that spawns it passes these from its own.
+BASE_ENV = ("HOME", "LANG", "LC_ALL", "PATH", "TERM", "TMPDIR", "TZ", "USER")
+
+
 def stigmer_config(servers: Sequence[ServerConfig]) -> dict[str, Any]:
     """Stigmer's own shape: each resolved server definition as the agent declares it, with
-    ``timeout_seconds`` and ``enabled_tools`` kept (the other shapes have no place for them)."""
-    return {"mcp_servers": [dict(server) for server in servers]}
+    ``timeout_seconds`` and ``enabled_tools`` kept (the other shapes have no place for them);
+    a stdio server also lists ``base_env``, all it may inherit beside its ``env_placeholders``."""
+    shaped = []
+    for server in servers:
+        entry = dict(server)
+        if server_type(server) == "stdio":
+            entry["base_env"] = list(BASE_ENV)
+        shaped.append(entry)
+    return {"mcp_servers": shaped}
 
 
 # --mcp-format: the file each shape goes to. mcp.json (mcpServers) is always written.
