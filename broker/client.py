@@ -102,8 +102,17 @@ class BrokerClient:
                 return found
             after = answer["next"]
 
-    def resolve(self, execution_id: str, document: Any) -> Any:
-        return self._request("POST", _path(execution_id, "/resolve"), document)
+    def resolve(self, execution_id: str, document: Any, workflow: bool = False) -> Any:
+        """``workflow``: a task config (``${.secrets.X}``, ``${.env_vars.X}``; jq left alone)."""
+        suffix = "/resolve?syntax=workflow" if workflow else "/resolve"
+        return self._request("POST", _path(execution_id, suffix), document)
+
+    def task(self, execution_id: str, name: str) -> dict[str, Any]:
+        """One workflow task's resolved config (and an agent-call's child ``runtime_env``)."""
+        answer: dict[str, Any] = self._request(
+            "GET", _path(execution_id, f"/tasks/{quote(name, safe='')}")
+        )
+        return answer
 
     def end(self, execution_id: str) -> dict[str, Any]:
         answer: dict[str, Any] = self._request("DELETE", _path(execution_id))
@@ -165,8 +174,15 @@ class AsyncBrokerClient:
         answer: dict[str, Any] = await self._request("GET", _path(execution_id))
         return answer
 
-    async def resolve(self, execution_id: str, document: Any) -> Any:
-        return await self._request("POST", _path(execution_id, "/resolve"), document)
+    async def resolve(self, execution_id: str, document: Any, workflow: bool = False) -> Any:
+        suffix = "/resolve?syntax=workflow" if workflow else "/resolve"
+        return await self._request("POST", _path(execution_id, suffix), document)
+
+    async def task(self, execution_id: str, name: str) -> dict[str, Any]:
+        answer: dict[str, Any] = await self._request(
+            "GET", _path(execution_id, f"/tasks/{quote(name, safe='')}")
+        )
+        return answer
 
     async def end(self, execution_id: str) -> dict[str, Any]:
         answer: dict[str, Any] = await self._request("DELETE", _path(execution_id))

@@ -154,3 +154,27 @@ async def test_a_template_without_declarations_gets_the_full_map(
     created = create(vault, tenant, tmp_path, agent({}))
     assert created.returncode == 0, created.stderr
     assert "EXTRA_UNDECLARED" in json.loads(created.stdout)["variables"]
+
+
+async def test_a_workflow_declares_its_env_too(
+    vault: Vault, admin: VaultClient, tenant: str, tmp_path: Path
+) -> None:
+    await apply_prod(admin, vault, tenant)
+    document = {"dsl": "1.0.0", "namespace": "t", "name": "w", "version": "1"}
+    task = {"call": "http", "with": {"headers": {"A": "${.secrets.GITHUB_TOKEN}"}}}
+    flow = resource("Workflow", "w", {"document": document, "tasks": [{"fetch": task}],
+                                      "env": {"GITHUB_TOKEN": {"isSecret": True},
+                                              "LOG_LEVEL": {"optional": True}}})  # fmt: skip
+    bound = resource(
+        "WorkflowInstance", "i", {"workflow_id": "w", "env_refs": [{"kind": 53, "slug": "prod"}]}
+    )
+    created = cli(vault, "execution", "create", "--tenant", tenant, "-o", "json",
+                  "--workflow", write(tmp_path / "w.json", flow),
+                  "--instance", write(tmp_path / "i.json", bound))  # fmt: skip
+    assert created.returncode == 0, created.stderr
+    assert json.loads(created.stdout)["variables"] == {"GITHUB_TOKEN": {"secret": True}}
+    flow["spec"]["env_spec"] = {"data": {"OLD": {"value": "x"}}}
+    mixed = cli(vault, "execution", "create", "--tenant", tenant,
+                "--workflow", write(tmp_path / "w.json", flow),
+                "--instance", write(tmp_path / "i.json", bound))  # fmt: skip
+    assert mixed.returncode == 2 and "uses both declaration models" in mixed.stderr

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from broker import names
+from broker import names, tasks
 from broker.config import Layout
 from broker.control import declared
 from broker.control.environments import MASK, EnvironmentStore, is_ciphertext
@@ -220,6 +220,8 @@ def _context(
     expires_at: datetime,
     allow_secret_in_args: bool,
     allowed_env_names: Sequence[str],
+    recorded_tasks: Sequence[dict[str, Any]] = (),
+    broker_placeholders: bool = False,
 ) -> ExecutionContext:
     return parse_resource(
         {
@@ -237,6 +239,8 @@ def _context(
                 "expires_at": expires_at.isoformat(),
                 "allow_secret_in_args": allow_secret_in_args,
                 "allowed_env_names": list(allowed_env_names),
+                "tasks": list(recorded_tasks),
+                "broker_placeholders": broker_placeholders,
             },
         },
         ExecutionContext,
@@ -338,6 +342,11 @@ class ExecutionIssuer:
             servers = template.spec.mcp_servers if isinstance(template, Agent) else []
             configs = [s.model_dump(mode="json") for s in servers]
         resolve_servers(configs, merged, allow_secret_in_args)  # fail closed before any write
+        recorded, broker = [], False
+        if isinstance(template, Workflow):
+            broker = tasks.opted_in(template.spec.document)
+            tasks.check(template.spec.tasks, merged, broker)
+            recorded = tasks.holding(template.spec.tasks, broker)
         allowed = sorted(set(allowed_env_names))
         refused = names.refused_variables(environment_names(merged, configs), set(allowed))
         if refused:
@@ -346,7 +355,7 @@ class ExecutionIssuer:
         expires_at = _expiry(ttl)
         label = f"{template.kind}/{template.metadata.display}"
         context = _context(execution_id, tenant, label, merged, configs, expires_at,
-                           allow_secret_in_args, allowed)  # fmt: skip
+                           allow_secret_in_args, allowed, recorded, broker)  # fmt: skip
         path = self._layout.context_path(tenant, execution_id)
         await self._write(path, context, ttl)
         return IssuedContext(
@@ -383,10 +392,13 @@ class ExecutionIssuer:
             raise ValidationError("execution import", problems)
         allow_args = allow_secret_in_args or spec.allow_secret_in_args
         resolve_servers(configs, merged, allow_args)  # fail closed before any write
+        recorded = [{"name": t.name, "config": t.config} for t in spec.tasks]
+        tasks.check([{t["name"]: t["config"]} for t in recorded], merged, spec.broker_placeholders)
         merged = await self._seal(tenant, merged)
         expires_at = _expiry(ttl)
         context = _context(execution_id, tenant, spec.template or "imported", merged, configs,
-                           expires_at, allow_args, allowed)  # fmt: skip
+                           expires_at, allow_args, allowed, recorded,
+                           spec.broker_placeholders)  # fmt: skip
         path = self._layout.context_path(tenant, execution_id)
         await self._write(path, context, ttl)
         return IssuedContext(execution_id=execution_id, tenant=tenant,

@@ -35,6 +35,8 @@ class StoredContext:
     mcp_servers: list[ServerConfig]
     allow_secret_in_args: bool = False
     allowed_env_names: frozenset[str] = frozenset()
+    tasks: list[tuple[str, Any]] = field(default_factory=list)  # (name, config) with placeholders
+    broker_placeholders: bool = False
 
     def remaining(self) -> float:
         """Seconds until expiry (an hour when the context has none)."""
@@ -88,6 +90,20 @@ def _expiry(text: Any, problems: list[str]) -> datetime | None:
     return expires if expires.tzinfo else expires.replace(tzinfo=UTC)
 
 
+def _tasks(recorded: Any, problems: list[str]) -> list[tuple[str, Any]]:
+    if not isinstance(recorded, list):
+        problems.append("spec.tasks: must be a list")
+        return []
+    checked = []
+    for index, task in enumerate(recorded):
+        name = task.get("name") if isinstance(task, dict) else None
+        if not isinstance(name, str) or not name.isprintable() or not 0 < len(name) <= 256:
+            problems.append(f"spec.tasks[{index}].name: needs a printable name")
+        else:
+            checked.append((name, task.get("config")))
+    return checked
+
+
 def _allowed(names_: Any, problems: list[str]) -> frozenset[str]:
     if not isinstance(names_, list) or not all(
         names.matches(names.VARIABLE_NAME, n) for n in names_
@@ -115,6 +131,8 @@ def decode(document: dict[str, Any], execution_id: str, tenant: str) -> StoredCo
         mcp_servers=_servers(spec.get("mcp_servers", []), problems),
         allow_secret_in_args=spec.get("allow_secret_in_args") is True,
         allowed_env_names=_allowed(spec.get("allowed_env_names", []), problems),
+        tasks=_tasks(spec.get("tasks", []), problems),
+        broker_placeholders=spec.get("broker_placeholders") is True,
     )
     found = environment_names(context.data, context.mcp_servers)
     problems += names.refused_variables(found, context.allowed_env_names)

@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from enum import Enum
 from typing import Any
 
-from broker import logs, names
+from broker import logs, names, tasks
 from broker.concurrency import both
 from broker.config import Layout
 from broker.errors import BrokerError, ClaimConflict, PermissionDenied, ValidationError, VaultError
@@ -105,6 +105,8 @@ class Execution:
     lease: Lease
     registration: Registration
     detached: bool = False  # the lease no longer counts against its login
+    tasks: list[tuple[str, Any]] = field(default_factory=list)  # unresolved, for /tasks/{name}
+    broker_placeholders: bool = False
 
     @property
     def files(self) -> FilePaths:
@@ -231,7 +233,8 @@ class ExecutionCore:
         )
         return Execution(
             context.execution_id, context.tenant, context.expires_at, variables, directory,
-            lease, registration,
+            lease, registration, tasks=context.tasks,
+            broker_placeholders=context.broker_placeholders,
         )  # fmt: skip
 
     def _render(
@@ -242,9 +245,13 @@ class ExecutionCore:
     ) -> ExecutionDirectory:
         allow = self.settings.allow_secret_in_args or context.allow_secret_in_args
         servers: list[ServerConfig] = resolve_servers(context.mcp_servers, variables, allow)
+        resolved_tasks = {
+            name: tasks.resolve(config, variables, context.broker_placeholders, f"task {name}")
+            for name, config in context.tasks
+        }
         files = contents(
             context.execution_id, context.tenant, variables, servers, context.expires_at,
-            self.settings.mcp_formats,
+            self.settings.mcp_formats, resolved_tasks,
         )  # fmt: skip
         directory = self.settings.out.create(context.execution_id, reader_uid)
         try:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -62,6 +62,13 @@ class WorkflowExecution(Resource):
     owner_scopes: ClassVar[tuple[int, ...] | None] = (0,)
 
 
+class RecordedTask(ProtoModel):
+    """A workflow task whose config holds runtime placeholders, as the context keeps it."""
+
+    name: Annotated[str, Field(min_length=1, max_length=256)]
+    config: Any = None
+
+
 class ExecutionContextSpec(ProtoModel):
     """Stigmer's ExecutionContextSpec plus what the sidecar needs to render.
 
@@ -77,6 +84,8 @@ class ExecutionContextSpec(ProtoModel):
     allow_secret_in_args: bool = False
     allowed_env_names: list[VariableName] = Field(default_factory=list)
     template: str = ""
+    tasks: list[RecordedTask] = Field(default_factory=list)  # workflow tasks with placeholders
+    broker_placeholders: bool = False  # the workflow lets ${NAME} resolve in its tasks
 
 
 class ExecutionContext(Resource):

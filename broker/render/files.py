@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from broker import envfile
 from broker.errors import RenderError
@@ -47,6 +48,7 @@ def contents(
     servers: Sequence[ServerConfig],
     expires_at: datetime | None,
     mcp_formats: Sequence[str] = (),
+    tasks: Mapping[str, Any] | None = None,
 ) -> dict[str, bytes]:
     """The files' bytes; ``variables`` hold plaintext, ``servers`` are resolved.
     ``mcp_formats``: more MCP config shapes beside ``mcp.json`` (``formats.MCP_FORMATS``)."""
@@ -60,6 +62,8 @@ def contents(
         file_name, build = formats.MCP_FORMATS[shape]
         files[file_name] = formats.as_json(build(servers))
         written[shape] = file_name
+    if tasks:  # a workflow's task configs, resolved: {"tasks": {name: config}}
+        files["tasks.json"] = formats.as_json({"tasks": dict(tasks)}, sort_keys=False)
     manifest = formats.manifest(execution_id, tenant, variables, servers, expires_at, files)
     manifest["mcp_configs"] = written
     files["manifest.json"] = formats.as_json_lines(manifest)

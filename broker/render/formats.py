@@ -118,9 +118,10 @@ MCP_FORMATS: dict[str, tuple[str, Callable[[Sequence[ServerConfig]], dict[str, A
 }
 
 
-def as_json(document: Any) -> bytes:
-    """Indented, for the small documents people read (mcp.json)."""
-    return (json.dumps(document, indent=2, sort_keys=True) + "\n").encode()
+def as_json(document: Any, sort_keys: bool = True) -> bytes:
+    """Indented, for the small documents people read (mcp.json); ``sort_keys=False`` keeps a
+    document's own order (task configs)."""
+    return (json.dumps(document, indent=2, sort_keys=sort_keys) + "\n").encode()
 
 
 def as_json_lines(document: Mapping[str, Any]) -> bytes:

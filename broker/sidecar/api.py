@@ -120,7 +120,13 @@ def build_app(
             return problem(408, "the request body did not arrive in time")
         document: Any = parse_json(body, REQUESTS, "the request body")
         uid = request[PEER_UID]
-        return web.json_response(registry.resolve(request.match_info["id"], uid, document))
+        workflow = request.query.get("syntax") == "workflow"  # task rules: jq left alone
+        resolved = registry.resolve(request.match_info["id"], uid, document, workflow)
+        return web.json_response(resolved)
+
+    async def get_task(request: web.Request) -> web.Response:
+        execution_id, name = request.match_info["id"], request.match_info["name"]
+        return web.json_response(registry.task(execution_id, request[PEER_UID], name))
 
     async def delete_execution(request: web.Request) -> web.Response:
         record = await registry.end(request.match_info["id"], "deleted", request[PEER_UID])
@@ -131,6 +137,7 @@ def build_app(
     app.router.add_get("/v1/executions/{id}", get_execution)
     app.router.add_get("/v1/executions", list_executions)
     app.router.add_post("/v1/executions/{id}/resolve", resolve)
+    app.router.add_get("/v1/executions/{id}/tasks/{name}", get_task)
     app.router.add_delete("/v1/executions/{id}", delete_execution)
     add_probes(app, registry, ready)
     return app

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, NoReturn
 
-from broker import logs, names
+from broker import logs, names, tasks
 from broker.errors import (
     BrokerError,
     ClaimConflict,
@@ -34,6 +34,9 @@ from broker.resolve import mask, resolve_document
 from broker.sidecar.metrics import Metrics
 
 EXPIRY_MARGIN = 2.0  # end this long before the deadline, while the lease can still clean up
+
+
+_MISSING = object()
 
 
 class State(StrEnum):
@@ -218,14 +221,39 @@ class Registry:
 
     # --- use ----------------------------------------------------------------------------------
 
-    def resolve(self, execution_id: str, uid: int, document: Any) -> Any:
-        """Only the caller that prepared it may resolve against its values, whatever ``shared``."""
+    def _owned(self, execution_id: str, uid: int, what: str) -> Execution:
+        """Only the caller that prepared it may see its values, whatever ``shared``."""
         record = self.get(execution_id, uid)
         if record.owner_uid != uid:
-            self._refused(execution_id, uid, "resolve by another local caller")
+            self._refused(execution_id, uid, f"{what} by another local caller")
         if record.state is not State.ACTIVE or record.execution is None:
             raise ExecutionGone(execution_id, f"is {record.state}")
-        return resolve_document(document, record.execution.variables)
+        return record.execution
+
+    def resolve(self, execution_id: str, uid: int, document: Any, workflow: bool = False) -> Any:
+        """The caller's document resolved against the execution's values; ``workflow``: with the
+        task rules (``${.secrets.X}``, ``${.env_vars.X}``; jq expressions left alone)."""
+        execution = self._owned(execution_id, uid, "resolve")
+        if workflow:
+            return tasks.resolve(document, execution.variables, execution.broker_placeholders)
+        return resolve_document(document, execution.variables)
+
+    def task(self, execution_id: str, uid: int, name: str) -> dict[str, Any]:
+        """One workflow task's config, resolved; for an agent-call task also the child
+        execution's ``runtime_env`` with each value's secret flag."""
+        execution = self._owned(execution_id, uid, "task")
+        config = next((c for n, c in execution.tasks if n == name), _MISSING)
+        if config is _MISSING:
+            raise ExecutionUnknown(execution_id, f"has no task {name!r} with placeholders")
+        broker = execution.broker_placeholders
+        answer = {
+            "name": name,
+            "config": tasks.resolve(config, execution.variables, broker, f"task {name}"),
+        }
+        child = tasks.child_runtime_env(config, execution.variables, broker)
+        if child is not None:
+            answer["runtime_env"] = child
+        return answer
 
     # --- end ----------------------------------------------------------------------------------
 
