@@ -112,6 +112,9 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if list(sys.argv[1:] if argv is None else argv) == ["--version"]:
+        print(f"{PROG} {__version__}")  # without building every command's parser
+        return 0
     harden()
     args = build_parser().parse_args(argv)
     from broker import logs
