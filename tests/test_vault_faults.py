@@ -4,6 +4,7 @@ real server (503 sealed, 429 with Retry-After, hangs, resets, lost responses, re
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -21,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from broker.errors import BrokerClientError
+from broker.errors import BrokerClientError, NotFound
 from broker.vault import KV, VaultClient
 from tests.conftest import (
     Sidecar,
@@ -39,6 +40,19 @@ from tests.factories import issue_secrets
 from tests.faultproxy import FaultProxy, Rule, Seen
 
 CANARY = "cnry-faults-c41d-do-not-leak"
+
+
+async def claim_accessor(admin: VaultClient, tenant: str, execution_id: str) -> str:
+    """The lease accessor a claim's metadata records; it is written alongside the decryption,
+    so wait for it."""
+    deadline = time.monotonic() + 10
+    while True:
+        with contextlib.suppress(NotFound):
+            custom = await claim_metadata(admin, tenant, execution_id)
+            if custom.get("lease_accessor"):
+                return custom["lease_accessor"]
+        assert time.monotonic() < deadline, "the claim's metadata was never written"
+        await asyncio.sleep(0.05)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -91,7 +105,7 @@ async def test_sigterm_cancels_a_prepare_waiting_on_vault_and_gives_everything_b
     proxy.add(Rule("hang", match="-transit/decrypt/"))  # claimed and leased, then stuck
     preparing = asyncio.ensure_future(asyncio.to_thread(sidecar.client.prepare, "sig-1"))
     await wait_until(lambda: proxy.requests("-transit/decrypt/"), 10, "the decrypt request")
-    accessor = (await claim_metadata(admin, tenant, "sig-1"))["lease_accessor"]
+    accessor = await claim_accessor(admin, tenant, "sig-1")
     assert await accessor_alive(admin, accessor)
     started = time.monotonic()
     sidecar.process.send_signal(signal.SIGTERM)
@@ -124,7 +138,7 @@ async def test_sigterm_stops_a_run_waiting_on_vault_and_gives_everything_back(
         env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     await wait_until(lambda: proxy.requests("-transit/decrypt/"), 15, "the decrypt request")
-    accessor = (await claim_metadata(admin, tenant, "sig-run"))["lease_accessor"]
+    accessor = await claim_accessor(admin, tenant, "sig-run")
     started = time.monotonic()
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=10)

@@ -381,15 +381,23 @@ class ExecutionCore:
         paths = {"context": layout.context_path(tenant, execution.id),
                  "claim": layout.claim_path(tenant, execution.id)}  # fmt: skip
         steps = [step for step in ("context", "claim") if step in report.pending]
-        done = await asyncio.gather(  # independent: one round trip for both
-            *(self._destroy(paths[step], lease, lease_gone, report) for step in steps)
+        # A child lease can go in the same round trip as the destroys if the login does them
+        # (same policy); a login that is the lease must outlive them.
+        together = (self.settings.lease_mode is LeaseMode.CHILD and not lease_gone
+                    and "lease" in report.pending and self.keeper.current is not None)  # fmt: skip
+        destroying = asyncio.gather(  # independent: one round trip for all
+            *(self._destroy(paths[step], lease, lease_gone or together, report) for step in steps)
         )
+        if together:
+            done, report.lease = await asyncio.gather(destroying, self._revoke_lease(lease, report))
+        else:
+            done = await destroying
         for step, destroyed in zip(steps, done, strict=True):
             if destroyed and step == "context":
                 report.context = "destroyed"
             elif destroyed:
                 report.claim = "released"
-        if "lease" in report.pending:
+        if "lease" in report.pending and not together:
             report.lease = await self._revoke_lease(lease, report)
         if not report.pending:
             await self._detach(execution, report)
