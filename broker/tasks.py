@@ -5,7 +5,8 @@ A Workflow's ``spec.tasks`` is a list of ``{task name: config}`` entries (the DS
 Their strings hold Zigflow's jq expressions (``${ $context.x }``, ``${ .input | length }``),
 which belong to the workflow engine, and Stigmer's runtime placeholders, which belong to us:
 
-* ``${.secrets.NAME}`` and ``${.env_vars.NAME}``, with or without inner spaces;
+* ``${.secrets.NAME}`` and ``${.env_vars.NAME}``, with or without inner spaces, NAME in upper
+  case as Stigmer's runner matches it (``${ .secrets.token }`` stays a jq expression);
 * the broker's own ``${NAME}`` only when the workflow opts in
   (``spec.document.metadata["stigmer.ai/broker-placeholders"]: true``).
 
@@ -28,7 +29,8 @@ from typing import Any
 from broker.errors import ResolveError, ValidationError
 from broker.resolve import Variable
 
-RUNTIME = re.compile(r"\$\{\s*\.(?P<scope>secrets|env_vars)\.(?P<name>[A-Za-z_][A-Za-z0-9_]*)\s*\}")
+# Upper-case names, as Stigmer's runner matches them: ${ .secrets.token } is jq's.
+RUNTIME = re.compile(r"\$\{\s*\.(?P<scope>secrets|env_vars)\.(?P<name>[A-Z_][A-Z0-9_]*)\s*\}")
 BROKER = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)\}")
 OPT_IN = "stigmer.ai/broker-placeholders"
 

@@ -120,6 +120,8 @@ async def test_environments_round_trip_with_versions(
     assert status == 412 and headers["ETag"] == '"2"', problem
     assert headers["Content-Type"].startswith("application/problem+json")
     assert api.call("GET", f"{base}/prod", token)[2]["spec"]["data"]["MODE"]["value"] == "slow"
+    for odd in ('"abc"', '"0"', 'W/"99999999999999999999"'):  # no such version: 412
+        assert api.call("PUT", f"{base}/prod", token, stale, {"If-Match": odd})[0] == 412
     status, headers, _ = api.call("PUT", f"{base}/prod?replace=true", token, stale)
     assert status == 200 and headers["ETag"] == '"3"'
     # Listing, paged.

@@ -160,9 +160,14 @@ async def test_the_sidecar_gives_one_task_and_a_child_runtime_env_that_keeps_sec
         with pytest.raises(BrokerClientError) as missing:
             await asyncio.to_thread(sidecar.client.task, "wf-side", "count")
         assert missing.value.status == 404
-        jq = {"x": "${ .a | map(.b) }", "y": "${.env_vars.MODE}-${ $context.z }"}
+        jq = {
+            "x": "${ .a | map(.b) }",
+            "y": "${.env_vars.MODE}-${ $context.z }",
+            "z": "${ .secrets.lower_case }",
+        }  # lower case: jq's, as in Stigmer's runner
         resolved = await asyncio.to_thread(sidecar.client.resolve, "wf-side", jq, True)
-        assert resolved == {"x": "${ .a | map(.b) }", "y": "fast-${ $context.z }"}
+        assert resolved == {"x": "${ .a | map(.b) }", "y": "fast-${ $context.z }",
+                            "z": "${ .secrets.lower_case }"}  # fmt: skip
         with pytest.raises(BrokerClientError) as refused:  # the MCP rules know no jq
             await asyncio.to_thread(sidecar.client.resolve, "wf-side", jq)
         assert refused.value.status == 422

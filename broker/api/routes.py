@@ -49,13 +49,12 @@ def _etag(version: int) -> str:
 
 
 def _if_match(header: str) -> int | None:
-    """The version an ``If-Match`` names (``*``: None, any existing version)."""
+    """The version an ``If-Match`` names (``*``: None, any existing version; an ETag this API
+    never returns: 0, which matches nothing, so the PUT gets 412)."""
     if header.strip() == "*":
         return None
     value = header.strip().removeprefix("W/").strip('"')
-    if not value.isdigit():
-        raise ValidationError("If-Match", ["must be an ETag this API returned, or *"])
-    return int(value)
+    return int(value) if value.isdigit() and len(value) < 19 else 0
 
 
 # --- environments ------------------------------------------------------------------------------
@@ -70,7 +69,7 @@ async def put_environment(request: web.Request) -> web.Response:
         wanted = _if_match(header)
         current = await store.version(tenant, name)
         version = current if wanted is None else wanted
-        if version == 0 or (wanted is not None and wanted != current):
+        if version == 0 or (wanted is not None and wanted != current):  # stale, or no such
             return _stale(name, current)
         try:
             written = await store.replace(tenant, environment, version)
