@@ -132,6 +132,8 @@ async def test_environments_round_trip_with_versions(
     assert api.call("GET", f"{base}?limit=2&after=a2", token)[2] == {"names": ["a3", "prod"]}
     assert api.call("DELETE", f"{base}/prod", token)[0] == 204
     assert api.call("GET", f"{base}/prod", token)[0] == 404
+    bare = {"kind": "Environment", "spec": {"data": {"A": {"value": "b"}}}}  # name from the path
+    assert api.call("PUT", f"{base}/bare", token, bare)[0] == 201
     assert api.call("DELETE", f"{base}/prod", token)[0] == 404
 
 

@@ -19,6 +19,7 @@ from broker.control.executions import RuntimeValue, runtime_env
 from broker.errors import ConfigError, ValidationError
 from broker.limits import REQUESTS, parse_json
 from broker.model import (
+    API_VERSION,
     Agent,
     AgentExecution,
     AgentInstance,
@@ -58,6 +59,8 @@ def environment(raw: bytes, name: str) -> Environment:
     names.environment_name(name)
     body = document(raw, f"Environment {name}")
     if isinstance(body, dict):
+        if "api_version" not in body and "apiVersion" not in body:
+            body["api_version"] = API_VERSION  # the only one there is
         metadata = body.setdefault("metadata", {})
         if isinstance(metadata, dict):
             given = metadata.get("name", metadata.get("slug"))
