@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import hypothesis
 import pytest
 
 from broker.client import BrokerClient
@@ -34,6 +35,10 @@ from broker.control.setup import AppRoleSettings, Bootstrap, JwtSettings
 from broker.dev import identity, server
 from broker.vault import KV, Transit, VaultClient
 from tests.faultproxy import FaultProxy
+
+# Property tests assert on results, never on time: a busy CI machine must not fail them.
+hypothesis.settings.register_profile("broker", deadline=None)
+hypothesis.settings.load_profile("broker")
 
 _counter = itertools.count()
 _spawned: list[subprocess.Popen[Any]] = []
