@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 
 from broker import logs
 from broker.config import Layout
@@ -74,20 +74,6 @@ async def holder(kv: KV, path: str, lookup: VaultClient) -> Holder | None:
         record.get("pod", ""), record.get("mode", ""), record.get("claimed_at", ""), alive,
         accessor,
     )  # fmt: skip
-
-
-async def claim(
-    lease: VaultClient,
-    layout: Layout,
-    tenant: str,
-    execution_id: str,
-    claimant: Claimant,
-    expires_at: datetime | None,
-) -> None:
-    """Take the execution for ``claimant``, or raise ClaimConflict naming its holder."""
-    now = datetime.now(UTC)
-    await take(lease, layout, tenant, execution_id, claimant, now)
-    await attribute(lease, layout, tenant, execution_id, claimant, now, expires_at)
 
 
 async def take(
@@ -173,10 +159,6 @@ def _refused(execution_id: str, claimant: Claimant, current: Holder | None) -> N
         execution_id=execution_id, pod=claimant.pod, holder=reason,
     )  # fmt: skip
     raise ClaimConflict(execution_id, reason)
-
-
-async def release(lease: VaultClient, layout: Layout, tenant: str, execution_id: str) -> None:
-    await KV(lease, layout.kv_mount).destroy(layout.claim_path(tenant, execution_id))
 
 
 async def release_if_ours(

@@ -128,7 +128,8 @@ class ExecutionCore:
         self._layout = layout
         self.keeper = keeper
         self.settings = settings
-        self._abandoned: set[str] = set()  # accessors of leases given up after a failure
+        # Accessors of leases given up after a failure whose claim may still stand.
+        self._abandoned: set[str] = set()
         self._leftovers: set[asyncio.Task[None]] = set()  # give-backs still being retried
 
     # --- prepare ------------------------------------------------------------------------------
@@ -292,6 +293,7 @@ class ExecutionCore:
                 )  # fmt: skip
             if steps.claim:
                 return  # only the lease may release it: the lease stays until it has
+            self._abandoned.discard(lease.login.accessor)  # no claim of it left to take over
             if steps.child:
                 steps.child = not await self._vault_step(
                     revoke_self(lease.client), "lease revoke failed", execution_id
