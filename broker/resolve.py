@@ -21,7 +21,7 @@ JSON documents in the shape of Stigmer's ``McpServerDefinition`` (``name`` and o
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -142,13 +142,19 @@ class _Substitution:
         return PLACEHOLDER.sub(replace, text)
 
     def document(self, value: Any, where: str) -> Any:
-        if isinstance(value, str):
-            return self.string(value, where)
-        if isinstance(value, Mapping):
-            return {key: self.document(item, f"{where}.{key}") for key, item in value.items()}
-        if isinstance(value, list):
-            return [self.document(item, f"{where}[{i}]") for i, item in enumerate(value)]
-        return value
+        return map_strings(value, where, self.string)
+
+
+def map_strings(value: Any, where: str, apply: Callable[[str, str], str]) -> Any:
+    """A copy of a parsed JSON document with ``apply(text, where)`` on every string value (not
+    key); ``where`` grows as ``$.key[0]`` for error messages."""
+    if isinstance(value, str):
+        return apply(value, where)
+    if isinstance(value, Mapping):
+        return {key: map_strings(item, f"{where}.{key}", apply) for key, item in value.items()}
+    if isinstance(value, list):
+        return [map_strings(item, f"{where}[{i}]", apply) for i, item in enumerate(value)]
+    return value
 
 
 def resolve_string(text: str, variables: Mapping[str, Variable], where: str = "value") -> str:
@@ -194,17 +200,13 @@ _FIELD_EXPOSURE: dict[str, dict[str, str]] = {
 
 
 def _resolve_field(sub: _Substitution, value: Any, where: str, exposure: str, allow: bool) -> Any:
-    if isinstance(value, str):
-        return sub.string(value, where, secret_allowed=allow or not exposure, exposure=exposure)
-    if isinstance(value, Mapping):
-        return {
-            k: _resolve_field(sub, v, f"{where}.{k}", exposure, allow) for k, v in value.items()
-        }
-    if isinstance(value, list):
-        return [
-            _resolve_field(sub, v, f"{where}[{i}]", exposure, allow) for i, v in enumerate(value)
-        ]
-    return value
+    return map_strings(
+        value,
+        where,
+        lambda text, at: sub.string(
+            text, at, secret_allowed=allow or not exposure, exposure=exposure
+        ),  # fmt: skip
+    )
 
 
 def environment_names(variables: Iterable[str], servers: Iterable[ServerConfig]) -> dict[str, str]:

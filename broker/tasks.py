@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from broker.errors import ResolveError, ValidationError
-from broker.resolve import Variable
+from broker.resolve import Variable, map_strings
 
 # Upper-case names, as Stigmer's runner matches them: ${ .secrets.token } is jq's.
 RUNTIME = re.compile(r"\$\{\s*\.(?P<scope>secrets|env_vars)\.(?P<name>[A-Z_][A-Z0-9_]*)\s*\}")
@@ -41,10 +41,14 @@ def opted_in(document: Mapping[str, Any]) -> bool:
     return isinstance(metadata, Mapping) and metadata.get(OPT_IN) is True
 
 
+# With the workflow's opt-in, the broker's ${NAME} too (its group named apart from RUNTIME's).
+RUNTIME_OR_BROKER = re.compile(
+    f"{RUNTIME.pattern}|{BROKER.pattern.replace('?P<name>', '?P<bare>')}"
+)
+
+
 def _pattern(broker: bool) -> re.Pattern[str]:
-    if not broker:
-        return RUNTIME
-    return re.compile(f"{RUNTIME.pattern}|{BROKER.pattern.replace('?P<name>', '?P<bare>')}")
+    return RUNTIME_OR_BROKER if broker else RUNTIME
 
 
 def task_name(index: int, task: Any) -> str:
@@ -121,21 +125,12 @@ class _Pass:
 
         return self.pattern.sub(replace, text)
 
-    def document(self, value: Any, where: str) -> Any:
-        if isinstance(value, str):
-            return self.string(value, where)
-        if isinstance(value, Mapping):
-            return {k: self.document(v, f"{where}.{k}") for k, v in value.items()}
-        if isinstance(value, list):
-            return [self.document(v, f"{where}[{i}]") for i, v in enumerate(value)]
-        return value
-
 
 def resolve(config: Any, variables: Mapping[str, Variable], broker: bool = False,
             where: str = "$") -> Any:  # fmt: skip
     """``config`` with our placeholders replaced and every other ``${ … }`` untouched."""
     run = _Pass(variables, _pattern(broker), [])
-    resolved = run.document(config, where)
+    resolved = map_strings(config, where, run.string)
     if run.problems:
         raise ResolveError(run.problems)
     return resolved
