@@ -200,13 +200,10 @@ _FIELD_EXPOSURE: dict[str, dict[str, str]] = {
 
 
 def _resolve_field(sub: _Substitution, value: Any, where: str, exposure: str, allow: bool) -> Any:
-    return map_strings(
-        value,
-        where,
-        lambda text, at: sub.string(
-            text, at, secret_allowed=allow or not exposure, exposure=exposure
-        ),  # fmt: skip
-    )
+    def one(text: str, at: str) -> str:
+        return sub.string(text, at, secret_allowed=allow or not exposure, exposure=exposure)
+
+    return map_strings(value, where, one)
 
 
 def environment_names(variables: Iterable[str], servers: Iterable[ServerConfig]) -> dict[str, str]:
