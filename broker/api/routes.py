@@ -3,6 +3,7 @@ caller may do; the server adds no privilege of its own (no confused deputy)."""
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from aiohttp import web
@@ -66,14 +67,13 @@ async def put_environment(request: web.Request) -> web.Response:
     store = EnvironmentStore(caller(request), request.app[LAYOUT])
     header = request.headers.get("If-Match")
     if header is not None:
-        wanted = _if_match(header)
-        current = await store.version(tenant, name)
-        version = current if wanted is None else wanted
-        if version == 0 or (wanted is not None and wanted != current):  # stale, or no such
-            return _stale(name, current)
-        try:
-            written = await store.replace(tenant, environment, version)
-        except Conflict:
+        wanted = _if_match(header)  # a version is checked by the write's check-and-set itself
+        version = await store.version(tenant, name) if wanted is None else wanted
+        written = 0  # stays 0 for "*" with nothing there, or an ETag this API never returned
+        if version:
+            with contextlib.suppress(Conflict):
+                written = await store.replace(tenant, environment, version)
+        if not written:
             return _stale(name, await store.version(tenant, name))
         status = 200
     elif request.query.get("replace") == "true":

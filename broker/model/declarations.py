@@ -22,6 +22,7 @@ from broker.model.base import (
     Value,
     VariableName,
 )
+from broker.model.mcp import HttpServer
 
 MAX_DECLARED_VALUE = 65_536
 
@@ -66,18 +67,11 @@ class McpStdio(ProtoModel):
     working_dir: str = ""
 
 
-class McpHttp(ProtoModel):
-    url: Annotated[str, Field(min_length=1)]
-    headers: dict[str, str] = Field(default_factory=dict)
-    query_params: dict[str, str] = Field(default_factory=dict)
-    timeout_seconds: Annotated[int, Field(ge=0)] = 30
-
-
 class McpServerSpec(ProtoModel):
     description: str = ""
     env: Declarations = Field(default_factory=dict)
     stdio: McpStdio | None = None
-    http: McpHttp | None = None
+    http: HttpServer | None = None  # the same fields as an inline http server
 
     @model_validator(mode="after")
     def _one_transport(self) -> McpServerSpec:

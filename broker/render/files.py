@@ -1,4 +1,5 @@
-"""Write one execution's four files: ``env``, ``env.json``, ``mcp.json``, ``manifest.json``.
+"""Write one execution's files: ``env``, ``env.json``, ``mcp.json`` (and the shapes that
+``--mcp-format`` asks for), ``tasks.json`` for a workflow's tasks, ``manifest.json``.
 
 All contents are built first, then written, so a failure leaves no half-written set.
 """
