@@ -11,17 +11,15 @@ import asyncio
 import http.client
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import AGENT, TENANT, dev_server
+from bench.common import AGENT, TENANT, clean_environ, dev_server, scratch
 from broker.dev.server import free_port
 from broker.model import to_document
 
@@ -64,8 +62,7 @@ async def run(state: Path) -> dict[str, Any]:
     async with dev_server(state, (10,)) as bench:
         policies = {"policies": ["stigmer-control-plane"]}
         token = (await bench.admin.post("auth/token/create", policies))["auth"]
-        environ = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
-        environ["VAULT_ADDR"] = bench.running.addr
+        environ = clean_environ(bench.running.addr)
         port = free_port()
         server = subprocess.Popen(
             [sys.executable, "-m", "broker.cli", "--log-level", "warning", "control", "serve",
@@ -104,11 +101,8 @@ async def run(state: Path) -> dict[str, Any]:
 
 
 def main() -> int:
-    state = Path(tempfile.mkdtemp(prefix="stigmer-bench-"))
-    try:
+    with scratch() as (state, _):
         print(json.dumps(asyncio.run(run(state)), indent=2))
-    finally:
-        shutil.rmtree(state, ignore_errors=True)
     return 0
 
 

@@ -4,11 +4,13 @@ environments of N secrets, executions to prepare, and a sidecar process to measu
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -85,11 +87,29 @@ async def dev_server(state: Path, sizes: tuple[int, ...]) -> AsyncIterator[Bench
         server.stop(state)
 
 
+def clean_environ(addr: str) -> dict[str, str]:
+    """This process's environment without any Vault settings, pointed at ``addr``: no token."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
+    environ["VAULT_ADDR"] = addr
+    return environ
+
+
+@contextmanager
+def scratch() -> Iterator[tuple[Path, Path]]:
+    """A state directory and one on /dev/shm (memory-backed), both removed afterwards."""
+    state = Path(tempfile.mkdtemp(prefix="stigmer-bench-"))
+    shm = Path(tempfile.mkdtemp(prefix="stigmer-bench-", dir="/dev/shm"))
+    try:
+        yield state, shm
+    finally:
+        shutil.rmtree(shm, ignore_errors=True)
+        shutil.rmtree(state, ignore_errors=True)
+
+
 def start_sidecar(bench: Bench, shm: Path, *extra: str) -> tuple[subprocess.Popen[bytes], Path]:
     """A sidecar for the bench tenant on ``shm``, ready; (process, socket path)."""
     socket_path = shm / "broker.sock"
-    environ = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
-    environ["VAULT_ADDR"] = bench.running.addr
+    environ = clean_environ(bench.running.addr)
     process = subprocess.Popen(
         [sys.executable, "-m", "broker.cli", "--log-level", "warning", "sidecar",
          "--tenant", TENANT, "--socket", str(socket_path), "--out", str(shm / "out"),

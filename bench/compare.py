@@ -26,11 +26,9 @@ import json
 import math
 import os
 import random
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from collections import Counter
@@ -40,7 +38,15 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from bench.common import TENANT, Bench, dev_server, rss_kib, start_sidecar
+from bench.common import (
+    TENANT,
+    Bench,
+    clean_environ,
+    dev_server,
+    rss_kib,
+    scratch,
+    start_sidecar,
+)
 from broker.client import BrokerClient
 from broker.config import Layout
 from broker.dev import server
@@ -60,12 +66,6 @@ def median_range(samples: list[float]) -> dict[str, float]:
         "min": round(min(samples), 1),
         "max": round(max(samples), 1),
     }
-
-
-def clean_environ(addr: str) -> dict[str, str]:
-    environ = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
-    environ["VAULT_ADDR"] = addr
-    return environ
 
 
 class Wire:
@@ -384,13 +384,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.smoke:
         args.runs, args.sizes, args.cycles, args.active = 1, [10], 20, 5
-    work = Path(tempfile.mkdtemp(prefix="stigmer-bench-"))
-    shm = Path(tempfile.mkdtemp(prefix="stigmer-bench-", dir="/dev/shm"))
-    try:
+    with scratch() as (work, shm):
         results = asyncio.run(measure(args, work, shm))
-    finally:
-        shutil.rmtree(shm, ignore_errors=True)
-        shutil.rmtree(work, ignore_errors=True)
     text = json.dumps(results, indent=2)
     print(text)
     print("\n" + results["table"], file=sys.stderr)

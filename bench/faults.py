@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -20,7 +19,16 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from bench.common import AGENT, TENANT, Bench, dev_server, instance, start_sidecar
+from bench.common import (
+    AGENT,
+    TENANT,
+    Bench,
+    clean_environ,
+    dev_server,
+    instance,
+    scratch,
+    start_sidecar,
+)
 from broker.client import BrokerClient
 from broker.config import Layout, VaultSettings
 from broker.control.environments import EnvironmentStore
@@ -35,8 +43,7 @@ from tests.faultproxy import FaultProxy, Rule
 
 
 def run_through(bench: Bench, proxy: FaultProxy, execution_id: str) -> tuple[int, float, str]:
-    environ = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
-    environ["VAULT_ADDR"] = proxy.url
+    environ = clean_environ(proxy.url)
     shm = Path(tempfile.mkdtemp(dir="/dev/shm"))
     started = time.monotonic()
     try:
@@ -161,15 +168,10 @@ async def leader_scenario(root: Path, shm: Path) -> dict[str, Any]:
 
 
 def main() -> int:
-    state = Path(tempfile.mkdtemp(prefix="stigmer-bench-"))
-    shm = Path(tempfile.mkdtemp(prefix="stigmer-bench-", dir="/dev/shm"))
-    try:
+    with scratch() as (state, shm):
         results = asyncio.run(run_scenarios(state / "dev"))
         results["sidecar_raft_leader_killed"] = asyncio.run(leader_scenario(state, shm))
         print(json.dumps(results, indent=2))
-    finally:
-        shutil.rmtree(shm, ignore_errors=True)
-        shutil.rmtree(state, ignore_errors=True)
     return 0
 
 

@@ -8,13 +8,11 @@ import asyncio
 import itertools
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from bench.common import Bench, dev_server, rss_kib, start_sidecar
+from bench.common import Bench, dev_server, rss_kib, scratch, start_sidecar
 from broker.client import AsyncBrokerClient
 
 CYCLES = int(os.environ.get("BENCH_CYCLES", "10000"))
@@ -67,14 +65,9 @@ async def run(state: Path, shm: Path) -> dict[str, object]:
 
 
 def main() -> int:
-    state = Path(tempfile.mkdtemp(prefix="stigmer-bench-"))
-    shm = Path(tempfile.mkdtemp(prefix="stigmer-bench-", dir="/dev/shm"))
-    try:
+    with scratch() as (state, shm):
         results = asyncio.run(run(state, shm))
         print(json.dumps(results, indent=2))
-    finally:
-        shutil.rmtree(shm, ignore_errors=True)
-        shutil.rmtree(state, ignore_errors=True)
     return 0 if results["within_10_percent"] else 1
 
 

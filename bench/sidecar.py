@@ -10,15 +10,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from bench.common import TENANT, Bench, dev_server, start_sidecar
+from bench.common import TENANT, Bench, dev_server, scratch, start_sidecar
 from broker.client import BrokerClient
 from broker.vault import KV
 
@@ -67,13 +65,8 @@ async def run(state: Path, shm: Path) -> dict[str, object]:
 
 
 def main() -> int:
-    state = Path(tempfile.mkdtemp(prefix="stigmer-bench-"))
-    shm = Path(tempfile.mkdtemp(prefix="stigmer-bench-", dir="/dev/shm"))
-    try:
+    with scratch() as (state, shm):
         print(json.dumps(asyncio.run(run(state, shm)), indent=2))
-    finally:
-        shutil.rmtree(shm, ignore_errors=True)
-        shutil.rmtree(state, ignore_errors=True)
     return 0
 
 

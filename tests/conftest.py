@@ -216,6 +216,28 @@ def start_run(
     )  # fmt: skip
 
 
+def run_as_runner(
+    vault: Vault,
+    tenant: str,
+    execution_id: str,
+    out: Path,
+    jwt: Path,
+    child: str,
+    *flags: str,
+    vault_addr: str = "",
+    timeout: float = 60,
+) -> subprocess.CompletedProcess[str]:
+    """`stigmer-broker run ... -- python -c CHILD` to its end, logged in with ``jwt`` and, as in a
+    runner pod, no Vault token in its environment; ``vault_addr``: e.g. a fault proxy's."""
+    environ = vault.environ(**({"VAULT_ADDR": vault_addr} if vault_addr else {}))
+    environ.pop("VAULT_TOKEN")
+    return subprocess.run(
+        [sys.executable, "-m", "broker.cli", "run", "--tenant", tenant, "--execution", execution_id,
+         "--out", str(out), "--jwt-file", str(jwt), *flags, "--", sys.executable, "-c", child],
+        env=environ, capture_output=True, text=True, timeout=timeout, check=False,
+    )  # fmt: skip
+
+
 @dataclass
 class Sidecar:
     process: subprocess.Popen[bytes]

@@ -23,7 +23,7 @@ import pytest
 from broker.api import openapi
 from broker.dev.server import free_port
 from broker.vault import VaultClient
-from tests.conftest import Vault, canary_hits, cli, spawn, start_sidecar
+from tests.conftest import Vault, canary_hits, cli, run_as_runner, spawn, start_sidecar
 
 ROOT = Path(__file__).resolve().parent.parent
 CANARY = "cnry-api-7f3a-do-not-leak"
@@ -274,14 +274,10 @@ async def test_an_execution_issued_over_http_runs_like_one_from_the_cli(
     assert CANARY not in json.dumps(issued)
     status, _, shown = api.call("GET", f"/v1/tenants/{tenant}/executions/api-1", token)
     assert status == 200 and shown["spec"]["data"]["TOKEN"]["value"] == "<secret>"
-    environ = vault.environ()
-    environ.pop("VAULT_TOKEN")
-    printed = subprocess.run(
-        [sys.executable, "-m", "broker.cli", "run", "--tenant", tenant, "--execution", "api-1",
-         "--out", str(shm), "--jwt-file", str(vault.jwt_for(tenant, tmp_path)), "--",
-         sys.executable, "-c", "import os; print(os.environ['TOKEN'] == " + repr(CANARY) +
-         ", os.environ['MODE'], os.environ['EXTRA'] == " + repr(CANARY + "-rt") + ")"],
-        env=environ, capture_output=True, text=True, timeout=60,
+    printed = run_as_runner(
+        vault, tenant, "api-1", shm, vault.jwt_for(tenant, tmp_path),
+        "import os; print(os.environ['TOKEN'] == " + repr(CANARY) +
+        ", os.environ['MODE'], os.environ['EXTRA'] == " + repr(CANARY + "-rt") + ")",
     )  # fmt: skip
     assert printed.returncode == 0, printed.stderr
     assert printed.stdout.split() == ["True", "fast", "True"]

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 from broker.vault import VaultClient
-from tests.conftest import Vault, start_sidecar
+from tests.conftest import Vault, run_as_runner, start_sidecar
 from tests.factories import issue_secrets
 
 CANARY = "cnry-mcpfmt-51b2-do-not-leak"
@@ -51,16 +49,10 @@ async def test_run_writes_every_shape_asked_for(
 ) -> None:
     await issue_secrets(admin, vault.layout, tenant, "fmt-run", {"TOKEN_0": (CANARY, True)},
                         servers=SERVERS)  # fmt: skip
-    environ = vault.environ()
-    environ.pop("VAULT_TOKEN")
     check = (f"import os, shutil; shutil.copytree(os.path.dirname("
              f"os.environ['STIGMER_MCP_CONFIG']), {str(shm / 'seen')!r})")  # fmt: skip
-    result = subprocess.run(
-        [sys.executable, "-m", "broker.cli", "run", "--tenant", tenant, "--execution", "fmt-run",
-         "--out", str(shm / "out"), "--jwt-file", str(vault.jwt_for(tenant, tmp_path)),
-         "--mcp-format", "vscode", "--mcp-format", "stigmer", "--", sys.executable, "-c", check],
-        env=environ, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    result = run_as_runner(vault, tenant, "fmt-run", shm / "out", vault.jwt_for(tenant, tmp_path),
+                           check, "--mcp-format", "vscode", "--mcp-format", "stigmer")  # fmt: skip
     assert result.returncode == 0, result.stderr
     check_shapes(shm / "seen")
     assert CANARY not in result.stderr

@@ -5,13 +5,11 @@ version selects that stored version, and ids that tie resources together must ag
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 from broker.vault import VaultClient
-from tests.conftest import Vault, cli
+from tests.conftest import Vault, cli, run_as_runner
 from tests.factories import resource
 
 EXAMPLES = Path(__file__).resolve().parent / "data" / "stigmer-examples.json"
@@ -163,14 +161,8 @@ async def test_an_imported_context_is_encrypted_checked_and_runs(
     assert answer["variables"] == {"MODE": {"secret": False}, "TOKEN": {"secret": True}}
     stored = await admin.get(f"stigmer/data/execution-contexts/{tenant}/imp-1")
     assert secret not in json.dumps(stored) and "vault:v1:" in json.dumps(stored)
-    environ = vault.environ()
-    environ.pop("VAULT_TOKEN")
-    ran = subprocess.run(
-        [sys.executable, "-m", "broker.cli", "run", "--tenant", tenant, "--execution", "imp-1",
-         "--out", str(shm), "--jwt-file", str(vault.jwt_for(tenant, tmp_path)), "--",
-         sys.executable, "-c", f"import os; print(os.environ['TOKEN'] == {secret!r})"],
-        env=environ, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    ran = run_as_runner(vault, tenant, "imp-1", shm, vault.jwt_for(tenant, tmp_path),
+                        f"import os; print(os.environ['TOKEN'] == {secret!r})")  # fmt: skip
     assert ran.returncode == 0 and ran.stdout.strip() == "True", ran.stderr
     holding = [p for root in (tmp_path, shm) for p in root.rglob("*")
                if p.is_file() and secret.encode() in p.read_bytes()]  # fmt: skip

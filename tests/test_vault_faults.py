@@ -31,6 +31,7 @@ from tests.conftest import (
     claim_metadata,
     claims,
     context_paths,
+    run_as_runner,
     runner_role_like,
     spawn,
     start_sidecar,
@@ -218,14 +219,8 @@ def run_via(
     child: str = "import os, sys; sys.exit(0 if os.environ['TOKEN_0'] else 3)",
 ) -> tuple[subprocess.CompletedProcess[str], list[dict[str, Any]]]:
     """`run` against the proxy; (the process, its JSON log events)."""
-    environ = vault.environ(VAULT_ADDR=proxy.url)
-    environ.pop("VAULT_TOKEN")
-    result = subprocess.run(
-        [sys.executable, "-m", "broker.cli", "run", "--tenant", tenant, "--execution",
-         execution_id, "--out", str(shm), "--jwt-file", str(vault.jwt_for(tenant, tmp_path)),
-         *flags, "--", sys.executable, "-c", child],
-        env=environ, capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
+    result = run_as_runner(vault, tenant, execution_id, shm, vault.jwt_for(tenant, tmp_path),
+                           child, *flags, vault_addr=proxy.url, timeout=120)  # fmt: skip
     events = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
     return result, events
 

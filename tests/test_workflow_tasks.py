@@ -8,7 +8,6 @@ import asyncio
 import copy
 import json
 import subprocess
-import sys
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from broker.errors import BrokerClientError
 from broker.model import Environment, parse_resource
 from broker.resolve import Variable
 from broker.vault import VaultClient
-from tests.conftest import Vault, cli, start_sidecar
+from tests.conftest import Vault, cli, run_as_runner, start_sidecar
 from tests.factories import agent, resource
 
 CANARY = "cnry-tasks-2e9d-do-not-leak"
@@ -122,16 +121,9 @@ async def test_run_writes_the_tasks_resolved_with_jq_untouched(
     shown = json.loads(cli(vault, "execution", "show", "wf-run", "--tenant", tenant,
                            "-o", "json").stdout)  # fmt: skip
     assert [t["name"] for t in shown["spec"]["tasks"]] == ["fetch", "review"]  # not count
-    environ = vault.environ()
-    environ.pop("VAULT_TOKEN")
     keep = (f"import os, shutil; shutil.copy(os.path.join(os.path.dirname(os.environ["
             f"'STIGMER_MANIFEST']), 'tasks.json'), {str(shm / 'tasks.json')!r})")  # fmt: skip
-    ran = subprocess.run(
-        [sys.executable, "-m", "broker.cli", "run", "--tenant", tenant, "--execution", "wf-run",
-         "--out", str(shm / "out"), "--jwt-file", str(vault.jwt_for(tenant, tmp_path)), "--",
-         sys.executable, "-c", keep],
-        env=environ, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    ran = run_as_runner(vault, tenant, "wf-run", shm / "out", vault.jwt_for(tenant, tmp_path), keep)
     assert ran.returncode == 0, ran.stderr
     written = json.loads((shm / "tasks.json").read_text())["tasks"]
     assert written["fetch"] == expected_fetch()
