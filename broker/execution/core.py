@@ -16,7 +16,7 @@ import asyncio
 import contextvars
 import math
 import time
-from collections.abc import Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -303,12 +303,12 @@ class ExecutionCore:
 
     async def _give_back_later(self, lease: Lease, execution_id: str, steps: _GiveBack) -> None:
         until = time.monotonic() + max(lease.login.ttl, FIRST_CLEANUP_DEADLINE)
-        attempt = 0
         try:
-            while steps.pending and time.monotonic() < until:
-                attempt += 1
-                await asyncio.sleep(self._client.policy.backoff(min(attempt, 8)) + 0.5)
-                await self._give_back_steps(lease, execution_id, steps)
+            await self._until_done(
+                lambda: bool(steps.pending),
+                lambda: self._give_back_steps(lease, execution_id, steps),
+                until,
+            )
         finally:
             done = not steps.pending
             logs.event("failed preparation given back" if done else "give-back abandoned",
@@ -363,18 +363,29 @@ class ExecutionCore:
 
     async def finish(self, execution: Execution, report: Cleanup, until: float) -> None:
         """Retry the pending Vault steps with backoff until done or ``until`` (monotonic)."""
-        attempt = 0
-        while report.pending and time.monotonic() < until:
-            attempt += 1
-            pause = self._client.policy.backoff(min(attempt, 8)) + 0.5
-            await asyncio.sleep(min(pause, max(0.0, until - time.monotonic())))
+
+        async def steps() -> None:
             with deadline(max(1.0, until - time.monotonic())):
                 await self._vault_steps(execution, report)
+
+        await self._until_done(lambda: bool(report.pending), steps, until)
         outcome = "cleanup finished" if not report.pending else "cleanup given up"
         logs.event(outcome, execution_id=execution.id, pending=report.pending,
                    lease_accessor=execution.lease.login.accessor)  # fmt: skip
         if report.pending:
             await self._detach(execution, report)
+
+    async def _until_done(
+        self, pending: Callable[[], bool], step: Callable[[], Awaitable[None]], until: float
+    ) -> None:
+        """Run ``step`` again, with backoff (0.5 s at least), while ``pending()`` and before
+        ``until`` (monotonic): what Vault could not do during an outage."""
+        attempt = 0
+        while pending() and time.monotonic() < until:
+            attempt += 1
+            pause = self._client.policy.backoff(min(attempt, 8)) + 0.5
+            await asyncio.sleep(min(pause, max(0.0, until - time.monotonic())))
+            await step()
 
     async def _vault_steps(self, execution: Execution, report: Cleanup) -> None:
         lease, layout, tenant = execution.lease, self._layout, execution.tenant
