@@ -10,13 +10,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
-from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 
 from broker import logs
 from broker.config import Layout
 from broker.control.reaper import Reaper, ReapReport
 from broker.execution.keeper import TokenKeeper
+from broker.httpserver import HttpServer, Request, Response, Router, json_response
 
 
 class ReaperMetrics:
@@ -47,24 +47,17 @@ class LoopSettings:
     metrics_addr: str = ""
 
 
-async def _metrics_site(address: str, metrics: ReaperMetrics) -> web.AppRunner | None:
-    if not address:
-        return None
+def _metrics_server(metrics: ReaperMetrics) -> HttpServer:
+    async def serve(request: Request) -> Response:
+        return Response(200, generate_latest(metrics.registry), "text/plain; charset=utf-8")
 
-    async def serve(request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(metrics.registry), content_type="text/plain")
+    async def healthz(request: Request) -> Response:
+        return json_response({"status": "ok"})
 
-    async def healthz(request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
-
-    app = web.Application()
-    app.router.add_get("/metrics", serve)
-    app.router.add_get("/healthz", healthz)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    host, _, port = address.rpartition(":")
-    await web.TCPSite(runner, host or "127.0.0.1", int(port)).start()
-    return runner
+    router = Router()
+    router.add("GET", "/metrics", serve)
+    router.add("GET", "/healthz", healthz)
+    return HttpServer(router, max_body=0)
 
 
 async def one_pass(
@@ -78,7 +71,8 @@ async def one_pass(
 async def run_forever(keeper: TokenKeeper, layout: Layout, settings: LoopSettings) -> int:
     """A pass every ``settings.interval`` until SIGTERM/SIGINT; 0 on a clean stop."""
     metrics = ReaperMetrics()
-    site = await _metrics_site(settings.metrics_addr, metrics)
+    server = _metrics_server(metrics)
+    listener = await server.listen_tcp(settings.metrics_addr) if settings.metrics_addr else None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -93,7 +87,8 @@ async def run_forever(keeper: TokenKeeper, layout: Layout, settings: LoopSetting
     finally:
         renewer.cancel()
         await asyncio.gather(renewer, return_exceptions=True)
-        if site is not None:
-            await site.cleanup()
+        if listener is not None:
+            listener.close()
+        await server.close()
     logs.event("reaper stopped")
     return 0

@@ -19,17 +19,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aiohttp import web
-
 from broker import logs
 from broker.config import Layout
 from broker.errors import ConfigError
 from broker.execution.core import CoreSettings, ExecutionCore, LeaseMode
 from broker.execution.credentials import Credentials, login
 from broker.execution.keeper import TokenKeeper
-from broker.limits import CONTEXTS, Limits
+from broker.httpserver import HttpServer
+from broker.limits import CONTEXTS, REQUESTS, Limits
 from broker.render.outdir import OutputRoot
-from broker.sidecar.api import build_app, build_metrics_app
+from broker.sidecar.api import build_metrics_router, build_router
 from broker.sidecar.gate import PeerGate
 from broker.sidecar.health import VaultHealth
 from broker.sidecar.metrics import Metrics
@@ -99,16 +98,6 @@ def _check_output(settings: SidecarSettings) -> None:
         )
 
 
-async def _start_metrics(address: str, app: web.Application) -> web.AppRunner | None:
-    if not address:
-        return None
-    host, _, port = address.rpartition(":")
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, host or "127.0.0.1", int(port)).start()
-    return runner
-
-
 def _install_signals(stop: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
 
@@ -149,19 +138,15 @@ async def serve(client: VaultClient, layout: Layout, settings: SidecarSettings) 
         return health.ready(), health.state
 
     allowed: set[int] = set(settings.allow_uids)
-    app_runner = web.AppRunner(
-        build_app(registry, metrics, ready, settings.header_timeout), access_log=None,
-        keepalive_timeout=settings.header_timeout,
-    )  # fmt: skip
-    await app_runner.setup()
-    assert app_runner.server is not None
-    gate = PeerGate(app_runner.server, allowed, metrics, settings.max_connections_per_uid)
+    api = HttpServer(build_router(registry, metrics, ready), max_body=REQUESTS.max_bytes,
+                     header_timeout=settings.header_timeout)  # fmt: skip
+    gate = PeerGate(api.protocol, allowed, metrics, settings.max_connections_per_uid)
     gate.listen(settings.socket)
     if not settings.allow_uids:
         allowed |= default_allowed_uids(settings.socket.stat().st_gid)
-    metrics_runner = await _start_metrics(
-        settings.metrics_addr, build_metrics_app(metrics, registry, ready)
-    )
+    probes = HttpServer(build_metrics_router(metrics, registry, ready), max_body=0,
+                        header_timeout=settings.header_timeout)  # fmt: skip
+    listener = await probes.listen_tcp(settings.metrics_addr) if settings.metrics_addr else None
     stop = asyncio.Event()
     _install_signals(stop)
     crashed: list[str] = []
@@ -175,9 +160,9 @@ async def serve(client: VaultClient, layout: Layout, settings: SidecarSettings) 
                allowed_uids=sorted(allowed), metrics=settings.metrics_addr or None)  # fmt: skip
     await stop.wait()
     await _shutdown(gate, registry, background, core, settings)
-    for runner in (app_runner, metrics_runner):
-        if runner is not None:
-            await runner.cleanup()
+    if listener is not None:
+        listener.close()
+    await asyncio.gather(api.close(), probes.close())
     return 1 if crashed else 0
 
 
