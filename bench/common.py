@@ -61,9 +61,13 @@ class Bench:
 
 
 @asynccontextmanager
-async def dev_server(state: Path, sizes: tuple[int, ...]) -> AsyncIterator[Bench]:
-    """A dev server with one environment of N secrets per size ``env<N>``; stopped after."""
-    running = server.start(state)
+async def dev_server(
+    state: Path, sizes: tuple[int, ...], audit: bool = True
+) -> AsyncIterator[Bench]:
+    """A dev server with one environment of N secrets per size ``env<N>``; stopped after.
+    ``audit``: with the file audit device (to count requests) or without (``bao server -dev``
+    as it comes)."""
+    running = server.start(state, audit=audit)
     admin = VaultClient(VaultSettings.local(running.addr, running.token))
     try:
         layout = Layout()

@@ -67,6 +67,12 @@ async def tokens(cluster: Cluster) -> set[str]:
     return set(answer["data"]["keys"])
 
 
+def log_about(sidecar: Sidecar, ids: list[str]) -> list[str]:
+    """The sidecar's log lines that name one of ``ids`` (for a failure's message)."""
+    return [line for line in sidecar.log.read_text().splitlines()
+            if any(f'"{i}"' in line for i in ids)]  # fmt: skip
+
+
 def prepare_all(sidecar: Sidecar, ids: list[str]) -> dict[str, str]:
     """PUT each id from its own thread: id → "ok" or the sidecar's error."""
 
@@ -109,13 +115,13 @@ async def test_a_killed_leader_loses_nothing_and_delivers_nothing_twice(
                 assert first[execution_id].startswith("503"), first[execution_id]
             raft3.wait_leader()
             again = await loop.run_in_executor(None, prepare_all, sidecar, failed)
-            assert set(again.values()) <= {"ok"}, again
+            assert set(again.values()) <= {"ok"}, (again, log_about(sidecar, failed))
             # one delivery each: one claim per execution, each naming its own live lease
             assert sorted(await claims(admin, tenant)) == sorted(ids)
             metadata = {i: await claim_metadata(admin, tenant, i) for i in ids}
             missing = {i: (m, first[i], again.get(i)) for i, m in metadata.items()
                        if "lease_accessor" not in m}  # fmt: skip
-            assert not missing, missing
+            assert not missing, (missing, log_about(sidecar, list(missing)))
             accessors = [m["lease_accessor"] for m in metadata.values()]
             assert len(set(accessors)) == len(ids)
             assert all([await accessor_alive(admin, a) for a in accessors])

@@ -24,6 +24,7 @@ from tests.conftest import (
     Sidecar,
     Vault,
     accessor_alive,
+    claim_metadata,
     context_paths,
     runner_role_like,
     start_sidecar,
@@ -57,8 +58,9 @@ async def issue(
 
 
 async def lease_accessor(admin: VaultClient, tenant: str, execution_id: str) -> str:
-    claim = (await KV(admin, "stigmer").read(f"execution-claims/{tenant}/{execution_id}")).data
-    return str(claim["lease_accessor"])
+    """The execution's lease, as its claim's metadata records it (the claim's data names the
+    sidecar's login, which wrote it)."""
+    return (await claim_metadata(admin, tenant, execution_id))["lease_accessor"]
 
 
 async def test_prepare_resolve_end(
@@ -77,7 +79,13 @@ async def test_prepare_resolve_end(
     assert again == prepared
     claim = (await KV(admin, "stigmer").read(f"execution-claims/{tenant}/sc-1")).data
     assert claim["pod"] == "pod-a" and claim["mode"] == "sidecar"
-    accessor = claim["lease_accessor"]
+    recorded = await claim_metadata(admin, tenant, "sc-1")
+    assert recorded["claim_id"] == claim["claim_id"] and len(claim["claim_id"]) >= 16
+    assert recorded["login_accessor"] == claim["login_accessor"] != recorded["lease_accessor"]
+    login = (await admin.post("auth/token/lookup-accessor",
+                              {"accessor": claim["login_accessor"]}))["data"]  # fmt: skip
+    assert login["meta"]["role"] == "stigmer-runner"  # the sidecar's login wrote the claim
+    accessor = recorded["lease_accessor"]
     lease = (await admin.post("auth/token/lookup-accessor", {"accessor": accessor}))["data"]
     assert lease["meta"] == {"execution_id": "sc-1", "tenant": tenant, "pod": "pod-a"}
     assert lease["policies"] == ["stigmer-runner"]

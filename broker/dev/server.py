@@ -142,12 +142,15 @@ def start(
     timeout: float = 30.0,
     tls: bool = False,
     extra_config: str = "",
+    audit: bool = True,
 ) -> DevServer:
     """Start ``bao server -dev`` in the background and wait until it is healthy.
 
     ``tls``: ``-dev-tls``: the server generates a CA and a certificate for 127.0.0.1 and
     localhost into ``<state_dir>/tls``; the env file then sets ``VAULT_CACERT``.
-    ``extra_config``: HCL appended to the server's config (e.g. another listener)."""
+    ``extra_config``: HCL appended to the server's config (e.g. another listener).
+    ``audit``: False leaves out the file audit device (as plain ``bao server -dev`` has none):
+    it costs Vault CPU on every request, which throughput benchmarks want to see both ways."""
     state_dir = state_dir.resolve()
     pid_file = state_dir / "server.pid"
     if pid_file.exists() and _alive(int(pid_file.read_text() or 0)):
@@ -157,9 +160,11 @@ def start(
     listen = addr or f"127.0.0.1:{free_port()}"
     token = "dev-" + secrets.token_urlsafe(24)
     config = state_dir / "server.hcl"
-    audit = state_dir / AUDIT_LOG
+    audit_log = state_dir / AUDIT_LOG
     template = (data_dir("vault-dev", "server.hcl") / "server.hcl").read_text()
-    config.write_text(Template(template).substitute(audit_log=audit) + extra_config)
+    if not audit:  # the audit stanza is the template's last block
+        template = template[: template.index('audit "file"')]
+    config.write_text(Template(template).substitute(audit_log=audit_log) + extra_config)
     binary = find_binary()
     environ = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
     environ.update(BAO_DEV_ROOT_TOKEN_ID=token, VAULT_DEV_ROOT_TOKEN_ID=token)
