@@ -4,7 +4,7 @@ One throwaway dev server; for N = 10, 100, 1000 secrets, interleaved and repeate
 min-max over ``--runs``):
 
 - ``run_cold``: ``stigmer-broker run -- true`` as a fresh process (login, claim, decrypt,
-  render, destroy, release, revoke);
+  render, destroy, release, revoke), installed as pip installs it (``as_installed``);
 - ``agent``: ``bao agent`` with JWT auto-auth, one template rendering the N values from one
   KV document (plaintext: the agent cannot batch Transit), ``exit_after_auth``;
 - ``sidecar_put`` / ``sidecar_put_delete``: a warm sidecar, PUT then DELETE over its socket;
@@ -26,6 +26,7 @@ import json
 import math
 import os
 import random
+import site
 import statistics
 import subprocess
 import sys
@@ -34,6 +35,7 @@ import urllib.request
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -53,11 +55,38 @@ from broker.dev import server
 from broker.vault import KV
 from broker.vault.transit import MAX_ITEMS
 
-SCRIPT = Path(sys.executable).parent / "stigmer-broker"  # what users run, as installed
-BROKER = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "broker.cli"]
+CONSOLE_SCRIPT = """#!{python}
+import sys
+from broker.cli import main
+if __name__ == "__main__":
+    sys.exit(main())
+"""
 BACKGROUND = ("auth/token/lookup-self", "auth/token/renew-self")  # the sidecar's own upkeep
 AGENT_POLICY = 'path "stigmer/data/bench-agent/*" { capabilities = ["read"] }'
 ROWS = ("run_cold", "agent", "sidecar_put_delete", "sidecar_put", "floor")
+
+
+def as_installed(work: Path) -> list[str]:
+    """``stigmer-broker`` as ``pip install stigmer-broker`` leaves it: a venv whose
+    site-packages names this checkout and the dev venv's packages by path, and pip's console
+    script. The dev venv's editable install would add its import hook (pathlib, importlib.util:
+    20-30 ms) to every start, which no installed copy pays."""
+    venv = work / "installed"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    (site_packages,) = venv.glob("lib/python*/site-packages")
+    checkout = Path(__file__).resolve().parents[1]
+    paths = [str(checkout), *(p for p in site.getsitepackages() if Path(p).is_dir())]
+    (site_packages / "stigmer-broker.pth").write_text("\n".join(paths) + "\n")
+    script = venv / "bin" / "stigmer-broker"
+    script.write_text(CONSOLE_SCRIPT.format(python=venv / "bin" / "python"))
+    script.chmod(0o755)
+    return [str(script)]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU a process has used so far (from /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def median_range(samples: list[float]) -> dict[str, float]:
@@ -113,6 +142,10 @@ class Harness:
         self.counter = 0
         self.sidecar: subprocess.Popen[bytes] | None = None
         self.client: BrokerClient | None = None
+
+    @cached_property
+    def broker(self) -> list[str]:
+        return as_installed(self.work)
 
     def next_id(self, prefix: str) -> str:
         self.counter += 1
@@ -181,7 +214,7 @@ class Harness:
 
     async def run_cold(self, size: int, execution_id: str = "") -> dict[str, float]:
         execution_id = execution_id or await self.issue("cold", size)
-        command = [*BROKER, "run", "--tenant", TENANT, "--execution", execution_id,
+        command = [*self.broker, "run", "--tenant", TENANT, "--execution", execution_id,
                    "--out", str(self.shm / "run"), "--jwt-file", str(self.bench.jwt),
                    "--log-level", "warning", "--", "true"]  # fmt: skip
         (self.shm / "run").mkdir(mode=0o700, exist_ok=True)
@@ -256,7 +289,7 @@ class Harness:
             timings = []
             for _ in range(runs):
                 started = time.perf_counter()
-                subprocess.run([*BROKER, flag], capture_output=True, check=True)
+                subprocess.run([*self.broker, flag], capture_output=True, check=True)
                 timings.append((time.perf_counter() - started) * 1000)
             results[flag] = median_range(timings)
         return results
@@ -287,12 +320,18 @@ class Harness:
                 client.end(execution_id)
 
         shares = [ids[n::callers] for n in range(callers)]
+        assert self.sidecar is not None
+        processes = {"vault": self.bench.running.pid, "sidecar": self.sidecar.pid}
+        before = {name: cpu_seconds(pid) for name, pid in processes.items()}
         started = time.perf_counter()
         with ThreadPoolExecutor(callers) as pool:
             list(pool.map(caller, shares))
         elapsed = time.perf_counter() - started
+        cpu_ms = {f"{name}_cpu_ms_per_cycle": round((cpu_seconds(pid) - before[name]) / cycles
+                                                    * 1000, 1)
+                  for name, pid in processes.items()}  # fmt: skip
         return {"cycles": cycles, "callers": callers, "secrets": size,
-                "cycles_per_second": round(cycles / elapsed, 1)}  # fmt: skip
+                "cycles_per_second": round(cycles / elapsed, 1), **cpu_ms}  # fmt: skip
 
     async def requests(self) -> dict[str, dict[str, Any]]:
         """Vault requests per execution, from the audit log: one `run` and one sidecar PUT +
@@ -365,8 +404,18 @@ async def measure(args: argparse.Namespace, work: Path, shm: Path) -> dict[str, 
             results["decrypt_requests"] = {str(n): math.ceil(n / MAX_ITEMS) for n in sizes}
         finally:
             harness.stop_sidecar()
-        results["table"] = table(results["latency_ms"], sizes)
-        return results
+    # The audit device costs Vault CPU on every request: the same throughput without it, as
+    # `bao server -dev` comes.
+    async with dev_server(work / "server-no-audit", (20,), audit=False) as bench:
+        harness = Harness(bench, work / "no-audit", shm, sizes)
+        harness.start_sidecar()
+        try:
+            without = await harness.throughput(args.cycles, 20, 20)
+            results["throughput_without_audit_device"] = without
+        finally:
+            harness.stop_sidecar()
+    results["table"] = table(results["latency_ms"], sizes)
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Hashable, Iterable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Iterable
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -39,28 +38,3 @@ async def both(first: Awaitable[A], second: Awaitable[B]) -> tuple[A, B]:
     """:func:`together` for two awaitables of different types."""
     results: list[object] = await together([first, second])
     return results[0], results[1]  # type: ignore[return-value]
-
-
-class KeyedLock:
-    """One asyncio lock per key, forgotten when nobody holds or waits for it (so a long-lived
-    process does not keep one per execution it ever saw)."""
-
-    def __init__(self) -> None:
-        self._locks: dict[Hashable, tuple[asyncio.Lock, int]] = {}
-
-    @asynccontextmanager
-    async def hold(self, key: Hashable) -> AsyncIterator[None]:
-        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
-        self._locks[key] = (lock, users + 1)
-        try:
-            async with lock:
-                yield
-        finally:
-            lock, users = self._locks[key]
-            if users == 1:
-                del self._locks[key]
-            else:
-                self._locks[key] = (lock, users - 1)
-
-    def __len__(self) -> int:
-        return len(self._locks)

@@ -1,4 +1,4 @@
-"""``broker.concurrency``: errors kept as they are, and per-key locks that are forgotten."""
+"""``broker.concurrency``: the first error is raised as it is, the rest cancelled."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from broker.concurrency import KeyedLock, both, together
+from broker.concurrency import both, together
 
 pytestmark = pytest.mark.unit
 
@@ -29,26 +29,3 @@ async def test_the_first_failure_is_raised_as_it_is_and_the_rest_cancelled() -> 
         await both(slow(), fails())
     assert cancelled.is_set()
     assert await together([asyncio.sleep(0, n) for n in range(5)], limit=2) == [0, 1, 2, 3, 4]
-
-
-async def test_a_keyed_lock_serialises_one_key_only_and_forgets_it() -> None:
-    locks = KeyedLock()
-    order: list[str] = []
-
-    async def hold(key: str, name: str, seconds: float) -> None:
-        async with locks.hold(key):
-            order.append(f"{name}+")
-            await asyncio.sleep(seconds)
-            order.append(f"{name}-")
-
-    first = asyncio.create_task(hold("a", "a1", 0.05))
-    await asyncio.sleep(0)
-    await asyncio.gather(hold("a", "a2", 0), hold("b", "b1", 0), first)
-    assert order.index("a1-") < order.index("a2+")  # the same key waits
-    assert order.index("b1-") < order.index("a1-")  # another key does not
-    assert len(locks) == 0  # nobody holds or waits: nothing kept
-
-    with pytest.raises(RuntimeError):
-        async with locks.hold("c"):
-            raise RuntimeError
-    assert len(locks) == 0

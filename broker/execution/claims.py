@@ -2,33 +2,29 @@
 
 A claim is a KV entry at ``execution-claims/<tenant>/<id>``:
 
-1. its data is written with check-and-set 0 by the holder's login (the runner policy grants
+1. its data is written with check-and-set 0 by the execution's lease (the runner policy grants
    ``create`` only, so an existing claim is never overwritten): whoever writes it holds the
-   execution. It names a fresh claim id, the pod, the mode and the login's accessor — not the
-   lease's, so it goes in the same round trip as the lease's creation;
-2. the holder then records itself in the claim's *custom metadata* — the same, plus the lease
-   accessor and the context's expiry — with ``delete_version_after`` set past that expiry. A
-   reaper reads metadata only (never a value) and can revoke the lease of a holder that died.
+   execution;
+2. the holder then records itself in the claim's *custom metadata* — pod, mode, lease accessor,
+   when, and the context's expiry — with ``delete_version_after`` set past that expiry. A reaper
+   reads metadata only (never a value) and can revoke the lease of a holder that died.
 
-A write whose answer was lost is retried; if the retry finds a claim naming its own claim id,
-the first write got through and the claim is ours (runners may read claims: they hold no
-secret).
+A write whose answer was lost is retried; if the retry finds a claim naming its own lease, the
+first write got through and the claim is ours (runners may read claims: they hold no secret).
 
 A loser is told who holds the execution, since when, and whether that holder's lease is still
-alive (from the metadata, or from the claim's own record — then the login's — when a failure
-came between the two writes). A claim whose lease is provably dead (its accessor no longer
-resolves) is freed by the reaper; the same pod may take its own dead claim over at once (a
-restarted sidecar resumes), and a process may take over a claim it gave up itself
-(``Claimant.abandoned``: a preparation that failed while Vault was losing its leader); any
-other claimant waits.
+alive (from the metadata, or from the claim's own record when a failure came between the two
+writes). A claim whose lease is provably dead (its accessor no longer resolves) is freed by the
+reaper; the same pod may take its own dead claim over at once (a restarted sidecar resumes),
+and a process may take over a claim left by a lease it gave up itself (``Claimant.abandoned``:
+a preparation that failed while Vault was losing its leader); any other claimant waits.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 
 from broker import logs
@@ -43,9 +39,8 @@ GRACE = 60  # seconds a claim outlives its context in KV before KV deletes it it
 class Claimant:
     pod: str
     mode: str  # "run" or "sidecar"
-    login_accessor: str  # the token that writes the claim (in LeaseMode.LOGIN, the lease)
-    claim_id: str = field(default_factory=lambda: secrets.token_urlsafe(12))  # this attempt's
-    abandoned: frozenset[str] = frozenset()  # ids of claims this process gave up
+    lease_accessor: str
+    abandoned: frozenset[str] = frozenset()  # accessors of leases this process gave up
 
 
 @dataclass(frozen=True)
@@ -54,8 +49,7 @@ class Holder:
     mode: str
     since: str
     lease_alive: bool | None  # None: not known (no accessor recorded)
-    lease_accessor: str = ""  # the login's, when the claim's metadata was never written
-    claim_id: str = ""
+    lease_accessor: str = ""
 
     def describe(self) -> str:
         alive = {True: "alive", False: "dead", None: "unknown"}[self.lease_alive]
@@ -74,16 +68,16 @@ async def holder(kv: KV, path: str, lookup: VaultClient) -> Holder | None:
         with contextlib.suppress(NotFound, PermissionDenied):
             data = (await kv.read(path)).data
             record = {k: v for k, v in data.items() if isinstance(v, str)}
-    accessor = record.get("lease_accessor") or record.get("login_accessor", "")
+    accessor = record.get("lease_accessor", "")
     alive = None if not accessor else await lookup_accessor(lookup, accessor) is not None
     return Holder(
         record.get("pod", ""), record.get("mode", ""), record.get("claimed_at", ""), alive,
-        accessor, record.get("claim_id", ""),
+        accessor,
     )  # fmt: skip
 
 
 async def take(
-    login: VaultClient,
+    lease: VaultClient,
     layout: Layout,
     tenant: str,
     execution_id: str,
@@ -91,22 +85,20 @@ async def take(
     now: datetime,
 ) -> None:
     """Step 1, write the claim: from here the execution is ``claimant``'s (or ClaimConflict)."""
-    kv, path = KV(login, layout.kv_mount), layout.claim_path(tenant, execution_id)
+    kv, path = KV(lease, layout.kv_mount), layout.claim_path(tenant, execution_id)
     record = _record(claimant, now)
     for attempt in range(2):
         try:
             await kv.write(path, record, cas=0)
             break
         except (Conflict, PermissionDenied) as exc:  # the runner policy may only create
-            if await _ours(kv, path, claimant.claim_id):
+            if await _ours(kv, path, claimant):
                 # A retry after a lost answer: the first write got through. It is ours.
                 logs.event("claim written by an earlier attempt", execution_id=execution_id)
                 break
-            current = await holder(kv, path, login)
+            current = await holder(kv, path, lease)
             if current is None and isinstance(exc, PermissionDenied):
-                if attempt == 0:
-                    continue  # gone meanwhile (or a failover's passing refusal): once more
-                raise  # no claim there, and creating one is refused: a real permission problem
+                raise  # no claim there: a real permission problem
             takeover = _own_leftover(current, claimant) if attempt == 0 and current else ""
             if takeover:
                 logs.event(takeover, execution_id=execution_id)
@@ -123,38 +115,37 @@ async def attribute(
     claimant: Claimant,
     now: datetime,
     expires_at: datetime | None,
-    lease_accessor: str,
 ) -> None:
-    """Step 2, record the holder and its lease in the claim's metadata (for the reaper, and so
-    KV deletes the claim itself after the context's expiry). May run alongside the decryption."""
+    """Step 2, record the holder in the claim's metadata (for the reaper, and so KV deletes
+    the claim itself after the context's expiry). May run alongside the decryption."""
     kv, path = KV(lease, layout.kv_mount), layout.claim_path(tenant, execution_id)
     remaining = (expires_at - now).total_seconds() if expires_at else 3600.0
-    custom = {**_record(claimant, now), "lease_accessor": lease_accessor,
-              "expires_at": expires_at.isoformat() if expires_at else ""}  # fmt: skip
-    custom = {key: value for key, value in custom.items() if value}  # Vault refuses ""
+    custom = {**_record(claimant, now), "expires_at": expires_at.isoformat() if expires_at else ""}
     after = f"{math.ceil(remaining) + GRACE}s"
     # If this fails the caller gives the claim back (release_if_ours), retrying as it must.
     await kv.write_metadata(path, max_versions=1, custom=custom, delete_version_after=after)
 
 
 def _record(claimant: Claimant, now: datetime) -> dict[str, str]:
-    return {"pod": claimant.pod, "mode": claimant.mode, "claim_id": claimant.claim_id,
-            "login_accessor": claimant.login_accessor, "claimed_at": now.isoformat()}  # fmt: skip
+    return {"pod": claimant.pod, "mode": claimant.mode,
+            "lease_accessor": claimant.lease_accessor, "claimed_at": now.isoformat()}  # fmt: skip
 
 
-async def _ours(kv: KV, path: str, claim_id: str) -> bool:
-    """Does the claim at ``path`` carry ``claim_id`` (no secret in it: ids, pod, accessor)?"""
+async def _ours(kv: KV, path: str, claimant: Claimant) -> bool:
+    """Does the claim at ``path`` name ``claimant``'s lease (no secret in it: pod, accessor)?"""
     try:
         document = await kv.read(path)
     except (NotFound, PermissionDenied):
         return False
-    return bool(claim_id) and document.data.get("claim_id") == claim_id
+    return bool(claimant.lease_accessor) and (
+        document.data.get("lease_accessor") == claimant.lease_accessor
+    )
 
 
 def _own_leftover(current: Holder, claimant: Claimant) -> str:
     """Why ``claimant`` may take this claim over ('' if it may not): this process left it
-    behind (a claim it gave up), or its pod's lease is dead."""
-    if current.claim_id and current.claim_id in claimant.abandoned:
+    behind (a lease it gave up), or its pod's lease is dead."""
+    if current.lease_accessor and current.lease_accessor in claimant.abandoned:
         return "taking over a claim this process gave up"
     if claimant.pod and current.pod == claimant.pod and current.lease_alive is False:
         return "taking over this pod's own dead claim"
@@ -171,12 +162,12 @@ def _refused(execution_id: str, claimant: Claimant, current: Holder | None) -> N
 
 
 async def release_if_ours(
-    client: VaultClient, layout: Layout, tenant: str, execution_id: str, claim_id: str
+    client: VaultClient, layout: Layout, tenant: str, execution_id: str, accessor: str
 ) -> None:
-    """Destroy the claim if it is ``claim_id`` (a preparation that failed after, or perhaps
-    during, its claim); someone else's claim is left alone."""
+    """Destroy the claim if the lease ``accessor`` wrote it (a preparation that failed after,
+    or perhaps during, its claim); someone else's claim is left alone."""
     kv, path = KV(client, layout.kv_mount), layout.claim_path(tenant, execution_id)
-    if await _ours(kv, path, claim_id):
+    if await _ours(kv, path, Claimant("", "", accessor)):
         await kv.destroy(path)
 
 

@@ -1,10 +1,9 @@
 """Prepare one execution and end it, the same way for every front end.
 
-prepare: read the context (login token) → lease (``LeaseMode``) ‖ claim (login token) →
-attribute the claim to the lease ‖ decrypt (one batch) → resolve → render: two round trips
-to Vault after the read. No file is written before decryption and resolution succeeded;
-whatever was acquired is given back if anything fails or the caller is cancelled, and the
-context is kept so the execution can be retried.
+prepare: read the context (login token) → lease (``LeaseMode``) → claim → decrypt (one batch)
+→ resolve → render. Nothing is written before decryption and resolution succeeded; whatever was
+acquired is given back if anything fails or the caller is cancelled, and the context is kept so
+the execution can be retried.
 
 end: wipe the files → drop the plaintext (memory, log redactor) → destroy the context →
 release the claim → revoke the lease. Every step is attempted; when the lease is already gone
@@ -25,7 +24,7 @@ from enum import Enum
 from typing import Any
 
 from broker import logs, names, tasks
-from broker.concurrency import KeyedLock, both
+from broker.concurrency import both
 from broker.config import Layout
 from broker.errors import BrokerError, ClaimConflict, PermissionDenied, ValidationError, VaultError
 from broker.execution import claims
@@ -66,17 +65,6 @@ class _GiveBack:
     @property
     def pending(self) -> list[str]:
         return [name for name in ("claim", "child", "login") if getattr(self, name)]
-
-
-@dataclass(frozen=True)
-class _Giving:
-    """A failed preparation's leftovers, and how far giving them back has got."""
-
-    held: HeldToken
-    lease: Lease | None
-    execution_id: str
-    claim_id: str
-    steps: _GiveBack
 
 
 class LeaseMode(Enum):
@@ -140,14 +128,9 @@ class ExecutionCore:
         self._layout = layout
         self.keeper = keeper
         self.settings = settings
-        # Claims given up after a failure, which may still stand (or land late: a write whose
-        # answer was lost can be applied after the give-back looked): claim id → until when
-        # (monotonic) it could matter, its context's expiry.
-        self._abandoned: dict[str, float] = {}
+        # Accessors of leases given up after a failure whose claim may still stand.
+        self._abandoned: set[str] = set()
         self._leftovers: set[asyncio.Task[None]] = set()  # give-backs still being retried
-        # A claim's give-back (read, then destroy if ours) and a take-over of that claim by a
-        # new preparation must not interleave: the give-back would destroy the new claim.
-        self._claim_writes = KeyedLock()
 
     # --- prepare ------------------------------------------------------------------------------
 
@@ -156,59 +139,23 @@ class ExecutionCore:
         ``reader_uid`` when that is another uid)."""
         names.execution_id(execution_id)
         with deadline(self.settings.deadline):
-            current = self.keeper.current
-            if current is None:
+            held = self.keeper.current
+            if held is None:
                 raise BrokerError("not logged in to Vault")
             path = self._layout.context_path(self.settings.tenant, execution_id)
-            kv = KV(current.client, self._layout.kv_mount)
+            kv = KV(held.client, self._layout.kv_mount)
             context = await contexts.read(
                 kv, path, execution_id, self.settings.tenant, self.settings.context_limits
             )
-            held = await self._hold(context)
-            claimant = claims.Claimant(
-                self.settings.pod, self.settings.holder, held.login.accessor,
-                abandoned=frozenset(self._still_abandoned()),
-            )  # fmt: skip
-            now = datetime.now(UTC)
-            lease: Lease | None = None
-            claimed = True  # perhaps ours, perhaps half-done, until the claim's answer says
+            lease = await self._lease(context)
             try:
-                # The claim is the login's, so it needs no lease: one round trip for both.
-                leased, taken = await asyncio.gather(
-                    self._lease(held, context),
-                    self._take(held, context, claimant, now),
-                    return_exceptions=True,
-                )
-                lease = leased if isinstance(leased, Lease) else None
-                claimed = not isinstance(taken, ClaimConflict)
-                for result in (taken, leased):  # a conflict first: the caller's 409
-                    if isinstance(result, BaseException):
-                        raise result
-                assert lease is not None
-                return await self._attribute_and_deliver(context, lease, claimant, now, reader_uid)
-            except BaseException:
-                await asyncio.shield(self._give_back(held, lease, context, claimant, claimed))
+                return await self._claim_and_deliver(context, lease, reader_uid)
+            except BaseException as exc:
+                claimed = not isinstance(exc, ClaimConflict)  # perhaps ours, perhaps half-done
+                await asyncio.shield(self._give_back(lease, context.execution_id, claimed))
                 raise
 
-    def _still_abandoned(self) -> list[str]:
-        now = time.monotonic()
-        for claim_id in [c for c, until in self._abandoned.items() if until < now]:
-            del self._abandoned[claim_id]
-        return list(self._abandoned)
-
-    async def _take(
-        self,
-        held: HeldToken,
-        context: contexts.StoredContext,
-        claimant: claims.Claimant,
-        now: datetime,
-    ) -> None:
-        async with self._claim_writes.hold(context.execution_id):
-            await claims.take(held.client, self._layout, context.tenant, context.execution_id,
-                              claimant, now)  # fmt: skip
-
-    async def _hold(self, context: contexts.StoredContext) -> HeldToken:
-        """A login that outlives the context's lease (counted until it is detached)."""
+    async def _lease(self, context: contexts.StoredContext) -> Lease:
         remaining = math.ceil(context.remaining())
         slack = min(5.0, self.keeper.max_ttl / 10)  # a lease's parent must outlive it a little
         if remaining + slack > self.keeper.max_ttl:  # not even a fresh login covers it
@@ -220,40 +167,42 @@ class ExecutionCore:
                     "with a shorter --ttl or raise token_max_ttl and --login-max-ttl"
                 ],
             )
-        return await self.keeper.token_for(remaining + slack)
-
-    async def _lease(self, held: HeldToken, context: contexts.StoredContext) -> Lease:
+        held = await self.keeper.token_for(remaining + slack)
         if self.settings.lease_mode is LeaseMode.LOGIN:
             return Lease(held, held.login, held.client)
-        login = await create_child_token(
-            held.client,
-            math.ceil(context.remaining()),
-            f"stigmer-exec-{context.execution_id}",
-            {"execution_id": context.execution_id, "tenant": context.tenant,
-             **({"pod": self.settings.pod} if self.settings.pod else {})},
-            list(self.settings.child_policies) if self.settings.child_policies else None,
-            no_default_policy=self.settings.child_policies is not None,
-        )  # fmt: skip
+        try:
+            login = await create_child_token(
+                held.client,
+                remaining,
+                f"stigmer-exec-{context.execution_id}",
+                {"execution_id": context.execution_id, "tenant": context.tenant,
+                 **({"pod": self.settings.pod} if self.settings.pod else {})},
+                list(self.settings.child_policies) if self.settings.child_policies else None,
+                no_default_policy=self.settings.child_policies is not None,
+            )  # fmt: skip
+        except BaseException:
+            await self.keeper.detach(held)
+            raise
         return Lease(held, login, held.client.with_token(login.token))
 
-    async def _attribute_and_deliver(
-        self,
-        context: contexts.StoredContext,
-        lease: Lease,
-        claimant: claims.Claimant,
-        now: datetime,
-        reader_uid: int | None,
+    async def _claim_and_deliver(
+        self, context: contexts.StoredContext, lease: Lease, reader_uid: int | None
     ) -> Execution:
+        settings = self.settings
+        claimant = claims.Claimant(
+            settings.pod, settings.holder, lease.login.accessor, frozenset(self._abandoned)
+        )
+        now = datetime.now(UTC)
+        where = (lease.client, self._layout, context.tenant, context.execution_id, claimant)
+        await claims.take(*where, now)
         secret_names = [name for name, value in context.data.items() if value.is_secret]
         decrypting = Transit(lease.client, self._layout.transit_mount).decrypt(
             self._layout.transit_key(context.tenant),
             [context.data[name].value for name in secret_names],
         )
-        attributing = claims.attribute(
-            lease.client, self._layout, context.tenant, context.execution_id, claimant, now,
-            context.expires_at, lease.login.accessor,
-        )  # fmt: skip
-        _, plaintexts = await both(attributing, decrypting)  # the claim is ours: both at once
+        _, plaintexts = await both(  # the claim is ours: attribute it meanwhile
+            claims.attribute(*where, now, context.expires_at), decrypting
+        )
         return self._deliver(context, lease, reader_uid, secret_names, plaintexts)
 
     def _deliver(
@@ -314,68 +263,57 @@ class ExecutionCore:
             raise
         return directory
 
-    async def _give_back(
-        self,
-        held: HeldToken,
-        lease: Lease | None,
-        context: contexts.StoredContext,
-        claimant: claims.Claimant,
-        claimed: bool,
-    ) -> None:
-        """A preparation failed: its claim (if it wrote one) and its lease (if it got one) go.
-        One request each now, in a context of its own (the preparation's deadline may be
-        spent), so the caller hears of the failure at once; what Vault could not do is retried
-        in the background until done or until the lease would have expired anyway."""
-        if claimed:
-            until = time.monotonic() + context.remaining() + claims.GRACE
-            self._abandoned[claimant.claim_id] = until
+    async def _give_back(self, lease: Lease, execution_id: str, claimed: bool) -> None:
+        """A preparation failed: its claim (if it wrote one) and its lease go. One request each
+        now, in a context of its own (the preparation's deadline may be spent), so the caller
+        hears of the failure at once; what Vault could not do is retried in the background
+        until done or until the lease would have expired anyway."""
+        self._abandoned.add(lease.login.accessor)
         login_is_lease = self.settings.lease_mode is LeaseMode.LOGIN
-        steps = _GiveBack(claimed, child=lease is not None and not login_is_lease,
-                          login=login_is_lease)  # fmt: skip
-        giving = _Giving(held, lease, context.execution_id, claimant.claim_id, steps)
-        attempt = asyncio.create_task(self._give_back_steps(giving, once=True),
+        steps = _GiveBack(claimed, child=not login_is_lease, login=login_is_lease)
+        attempt = asyncio.create_task(self._give_back_steps(lease, execution_id, steps, once=True),
                                       context=contextvars.Context())  # fmt: skip
         await attempt
-        await self.keeper.detach(held)
+        await self.keeper.detach(lease.held)
         if steps.pending:
-            until = time.monotonic() + max(context.remaining(), FIRST_CLEANUP_DEADLINE)
-            retry = asyncio.create_task(self._give_back_later(giving, until),
+            retry = asyncio.create_task(self._give_back_later(lease, execution_id, steps),
                                         context=contextvars.Context())  # fmt: skip
             self._leftovers.add(retry)
             retry.add_done_callback(self._leftovers.discard)
 
-    async def _give_back_steps(self, giving: _Giving, *, once: bool = False) -> None:
-        steps, execution_id = giving.steps, giving.execution_id
+    async def _give_back_steps(
+        self, lease: Lease, execution_id: str, steps: _GiveBack, *, once: bool = False
+    ) -> None:
         with deadline(FIRST_CLEANUP_DEADLINE), single_attempt() if once else nullcontext():
             if steps.claim:
-                async with self._claim_writes.hold(execution_id):
-                    steps.claim = not await self._vault_step(
-                        claims.release_if_ours(giving.held.client, self._layout,
-                                               self.settings.tenant, execution_id,
-                                               giving.claim_id),
-                        "claim release failed", execution_id,
-                    )  # fmt: skip
+                steps.claim = not await self._vault_step(
+                    claims.release_if_ours(lease.client, self._layout, self.settings.tenant,
+                                           execution_id, lease.login.accessor),
+                    "claim release failed", execution_id,
+                )  # fmt: skip
             if steps.claim:
-                return  # the lease stays until its claim has gone: it may still be ours
-            if steps.child and giving.lease is not None:
+                return  # only the lease may release it: the lease stays until it has
+            self._abandoned.discard(lease.login.accessor)  # no claim of it left to take over
+            if steps.child:
                 steps.child = not await self._vault_step(
-                    revoke_self(giving.lease.client), "lease revoke failed", execution_id
+                    revoke_self(lease.client), "lease revoke failed", execution_id
                 )
             if steps.login:
-                steps.login = not await self.keeper.revoke(giving.held)
+                steps.login = not await self.keeper.revoke(lease.held)
 
-    async def _give_back_later(self, giving: _Giving, until: float) -> None:
-        steps = giving.steps
+    async def _give_back_later(self, lease: Lease, execution_id: str, steps: _GiveBack) -> None:
+        until = time.monotonic() + max(lease.login.ttl, FIRST_CLEANUP_DEADLINE)
         try:
             await self._until_done(
-                lambda: bool(steps.pending), lambda: self._give_back_steps(giving), until
+                lambda: bool(steps.pending),
+                lambda: self._give_back_steps(lease, execution_id, steps),
+                until,
             )
         finally:
             done = not steps.pending
-            accessor = giving.lease.login.accessor if giving.lease else ""
             logs.event("failed preparation given back" if done else "give-back abandoned",
-                       level=20 if done else 30, execution_id=giving.execution_id,
-                       pending=steps.pending, lease_accessor=accessor)  # fmt: skip
+                       level=20 if done else 30, execution_id=execution_id,
+                       pending=steps.pending, lease_accessor=lease.login.accessor)  # fmt: skip
 
     async def _vault_step(
         self, step: Coroutine[Any, Any, object], what: str, execution_id: str

@@ -32,6 +32,7 @@ from broker.errors import (
     VaultUnavailable,
 )
 from broker.vault import transport as wire
+from broker.vault.consistency import StateIndex
 from broker.vault.retry import (
     LIMITER,
     RequestLimiter,
@@ -130,6 +131,7 @@ class _Shared:
     policy: RetryPolicy
     limiter: RequestLimiter
     namespace_headers: list[tuple[str, str]] = field(default_factory=list)
+    index: StateIndex = field(default_factory=StateIndex)  # read-your-writes (consistency.py)
 
 
 class VaultClient:
@@ -274,13 +276,14 @@ class VaultClient:
         for _ in range(3):  # at most two redirects, only to configured servers
             try:
                 response = await shared.transport.request(
-                    origin, method, target, headers, payload, timeout, MAX_ANSWER_BYTES,
-                    fresh=safety is Safety.MINTS_TOKEN,
+                    origin, method, target, [*headers, *shared.index.headers()], payload,
+                    timeout, MAX_ANSWER_BYTES, fresh=safety is Safety.MINTS_TOKEN,
                 )  # fmt: skip
             except wire.TransportError as exc:
                 if isinstance(exc, wire.Dropped) and await self._speaks_https(origin):
                     raise _https_port(op, path) from None
                 raise _transport_error(op, path, exc, origin) from None
+            shared.index.observe(response.headers.get("x-vault-index", ""))
             if response.status != 307:
                 return _answer(op, path, response)
             origin = self._redirect_target(op, path, response)
@@ -415,6 +418,8 @@ def _status_error(
         return NotFound(op, path, Fault.NOT_FOUND, status)
     if status == 429:
         return VaultUnavailable(op, path, Fault.RATE_LIMITED, status, retry_after=retry_after)
+    if status == 412:  # a standby behind our X-Vault-Index that could not forward (yet)
+        return VaultUnavailable(op, path, Fault.STANDBY, status, retry_after=retry_after)
     if status == 503:
         kind = Fault.SEALED if known == "sealed" else Fault.STANDBY
         return VaultUnavailable(op, path, kind, status, retry_after=retry_after)
