@@ -248,7 +248,6 @@ class _Connection:
             headers.append(("Connection", "close"))  # the rest of the request is not read
         with contextlib.suppress(h11.LocalProtocolError):
             head = h11.Response(status_code=response.status, headers=headers)
-            self.writer.write(self.h11.send(head))
-            self.writer.write(self.h11.send(h11.Data(data=response.body)))
-            self.writer.write(self.h11.send(h11.EndOfMessage()))
+            parts = (head, h11.Data(data=response.body), h11.EndOfMessage())
+            self.writer.write(b"".join(self.h11.send(part) or b"" for part in parts))  # one send
         await self.writer.drain()

@@ -54,6 +54,7 @@ class FaultProxy:
     rules: list[Rule] = field(default_factory=list)
     seen: list[Seen] = field(default_factory=list)
     port: int = 0
+    connections: int = 0  # client connections accepted so far
 
     def __post_init__(self) -> None:
         parts = urlsplit(self.upstream)
@@ -134,6 +135,8 @@ class FaultProxy:
     # --- one client connection ----------------------------------------------------------------
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with self._lock:
+            self.connections += 1
         connection = h11.Connection(h11.SERVER)
         try:
             while True:

@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 import h11
 
 IDLE_TIMEOUT = 15.0  # seconds a pooled connection may sit unused (well under Vault's own)
+RECENT = 1.0  # seconds: a connection used this recently is not closed for idleness (Vault: 5 min)
 MAX_IDLE_PER_ORIGIN = 32
 READ_SIZE = 65536
 
@@ -182,12 +183,17 @@ class Transport:
             raise ConnectFailed(exc.strerror or type(exc).__name__) from None
         return _Connection(reader, writer)
 
-    def _checkout(self, origin: Origin) -> _Connection | None:
+    def _checkout(self, origin: Origin, recent_only: bool = False) -> _Connection | None:
+        """A pooled connection (the most recently used first). ``recent_only``: one used in the
+        last ``RECENT`` seconds or none, and never re-sent as stale (see ``request``)."""
         pool = self._pool(origin)
         while pool:
+            idle = time.monotonic() - pool[-1].idle_since
+            if recent_only and idle >= RECENT:
+                return None  # the others are older still
             connection = pool.pop()
-            if time.monotonic() - connection.idle_since < IDLE_TIMEOUT and connection.reusable():
-                connection.reused = True
+            if idle < IDLE_TIMEOUT and connection.reusable():
+                connection.reused = not recent_only
                 return connection
             connection.close()
         return None
@@ -214,9 +220,10 @@ class Transport:
         """One request; raises a TransportError subclass when there is no usable answer.
 
         A pooled connection that turns out closed by the server (nothing answered) is replaced
-        once by a new one. ``fresh``: never a pooled connection — for requests that must not be
-        sent twice (a login), where a server's close of an idle connection would otherwise be
-        indistinguishable from a lost answer."""
+        once by a new one. ``fresh``: for requests that must not be sent twice (a login, a
+        token), where a server's close of an idle connection would be indistinguishable from a
+        lost answer: only a connection used in the last ``RECENT`` seconds, which no server
+        closes for idleness, or a new one; either way a broken exchange is a lost answer."""
         request = h11.Request(
             method=method,
             target=target,
@@ -226,7 +233,7 @@ class Transport:
         connected = False
         try:
             async with asyncio.timeout(timeout):
-                connection = (None if fresh else self._checkout(origin)) or await self._connect(
+                connection = self._checkout(origin, recent_only=fresh) or await self._connect(
                     origin
                 )
                 connected = True
