@@ -44,6 +44,7 @@ from bench.common import (
     TENANT,
     Bench,
     clean_environ,
+    cpu_seconds,
     dev_server,
     rss_kib,
     scratch,
@@ -81,12 +82,6 @@ def as_installed(work: Path) -> list[str]:
     script.write_text(CONSOLE_SCRIPT.format(python=venv / "bin" / "python"))
     script.chmod(0o755)
     return [str(script)]
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU a process has used so far (from /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def median_range(samples: list[float]) -> dict[str, float]:

@@ -26,6 +26,7 @@ from urllib.parse import parse_qsl, unquote
 import h11
 
 from broker import logs
+from broker.protocol import Problem
 
 READ_SIZE = 65536
 MAX_HEADER_BYTES = 16 * 1024
@@ -60,8 +61,7 @@ def json_response(document: Any, status: int = 200, content_type: str = JSON) ->
 
 
 def problem_response(status: int, title: str, detail: str) -> Response:
-    body = {"type": "about:blank", "status": status, "title": title, "detail": detail}
-    return json_response(body, status, PROBLEM)
+    return json_response(Problem(status, title, detail).to_json(), status, PROBLEM)
 
 
 class BadPath(ValueError):
@@ -121,17 +121,22 @@ class HttpServer:
         self.max_body = max_body
         self.header_timeout = header_timeout
         self._connections: set[asyncio.Task[None]] = set()
+        self._listeners: list[asyncio.Server] = []
 
     def protocol(self) -> asyncio.StreamReaderProtocol:
         """A protocol for one accepted socket (``loop.connect_accepted_socket``)."""
         return asyncio.StreamReaderProtocol(asyncio.StreamReader(), self.handle)
 
-    async def listen_tcp(self, address: str) -> asyncio.Server:
+    async def listen_tcp(self, address: str) -> None:
+        """Also accept TCP connections on ``HOST:PORT`` (until ``close``)."""
         host, _, port = address.rpartition(":")
-        return await asyncio.start_server(self.handle, host or "127.0.0.1", int(port))
+        server = await asyncio.start_server(self.handle, host or "127.0.0.1", int(port))
+        self._listeners.append(server)
 
     async def close(self) -> None:
-        """Close every connection; a request in flight is cancelled."""
+        """Stop listening and close every connection; a request in flight is cancelled."""
+        for listener in self._listeners:
+            listener.close()
         for task in list(self._connections):
             task.cancel()
         await asyncio.gather(*self._connections, return_exceptions=True)

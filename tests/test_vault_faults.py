@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import itertools
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from bench.common import cpu_seconds
 from broker.config import VaultSettings
 from broker.errors import BrokerClientError, NotFound, OutcomeUnknown
 from broker.vault import KV, VaultClient, create_child_token, transport
@@ -56,12 +56,6 @@ async def claim_accessor(admin: VaultClient, tenant: str, execution_id: str) -> 
                 return custom["lease_accessor"]
         assert time.monotonic() < deadline, "the claim's metadata was never written"
         await asyncio.sleep(0.05)
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def test_a_sidecar_that_cannot_log_in_again_waits_without_spinning(

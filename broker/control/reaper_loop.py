@@ -72,7 +72,8 @@ async def run_forever(keeper: TokenKeeper, layout: Layout, settings: LoopSetting
     """A pass every ``settings.interval`` until SIGTERM/SIGINT; 0 on a clean stop."""
     metrics = ReaperMetrics()
     server = _metrics_server(metrics)
-    listener = await server.listen_tcp(settings.metrics_addr) if settings.metrics_addr else None
+    if settings.metrics_addr:
+        await server.listen_tcp(settings.metrics_addr)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -87,8 +88,6 @@ async def run_forever(keeper: TokenKeeper, layout: Layout, settings: LoopSetting
     finally:
         renewer.cancel()
         await asyncio.gather(renewer, return_exceptions=True)
-        if listener is not None:
-            listener.close()
         await server.close()
     logs.event("reaper stopped")
     return 0

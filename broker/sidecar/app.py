@@ -146,7 +146,8 @@ async def serve(client: VaultClient, layout: Layout, settings: SidecarSettings) 
         allowed |= default_allowed_uids(settings.socket.stat().st_gid)
     probes = HttpServer(build_metrics_router(metrics, registry, ready), max_body=0,
                         header_timeout=settings.header_timeout)  # fmt: skip
-    listener = await probes.listen_tcp(settings.metrics_addr) if settings.metrics_addr else None
+    if settings.metrics_addr:
+        await probes.listen_tcp(settings.metrics_addr)
     stop = asyncio.Event()
     _install_signals(stop)
     crashed: list[str] = []
@@ -160,8 +161,6 @@ async def serve(client: VaultClient, layout: Layout, settings: SidecarSettings) 
                allowed_uids=sorted(allowed), metrics=settings.metrics_addr or None)  # fmt: skip
     await stop.wait()
     await _shutdown(gate, registry, background, core, settings)
-    if listener is not None:
-        listener.close()
     await asyncio.gather(api.close(), probes.close())
     return 1 if crashed else 0
 
