@@ -58,9 +58,9 @@ from broker.vault.transit import MAX_ITEMS
 
 CONSOLE_SCRIPT = """#!{python}
 import sys
-from broker.cli import main
+from broker.cli import entry
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())
 """
 BACKGROUND = ("auth/token/lookup-self", "auth/token/renew-self")  # the sidecar's own upkeep
 AGENT_POLICY = 'path "stigmer/data/bench-agent/*" { capabilities = ["read"] }'

@@ -12,7 +12,6 @@ or a Unicode look-alike never passes.
 from __future__ import annotations
 
 import re
-import secrets
 
 from broker.errors import ValidationError
 
@@ -56,6 +55,8 @@ def variable_name(value: str) -> str:
 
 def new_execution_id() -> str:
     """A fresh execution id, ``exec-`` plus 20 random base-32 characters."""
+    import secrets  # here: random and hmac cost every start-up ~4 ms, only ids need them
+
     alphabet = "abcdefghijklmnopqrstuvwxyz234567"
     return "exec-" + "".join(secrets.choice(alphabet) for _ in range(20))
 

@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from broker import __version__, errors
-from broker.cli import EXIT_CODES, build_parser, exit_code
+from broker.cli import EXIT_CODES, GROUPS, build_parser, command_in, exit_code, main
 
 
 def commands(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
@@ -156,3 +156,73 @@ def test_global_options_before_or_after_the_command(command: list[str]) -> None:
         assert (args.vault_timeout, args.log_level) == ("7s", "debug"), argv
     args = parser.parse_args([*command, *tail])
     assert (args.vault_timeout, args.vault_deadline, args.log_level) == ("10s", "30s", None)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [(["run", "--tenant", "a"], "run"),
+     (["--log-level", "debug", "sidecar"], "sidecar"),
+     (["--log-level=debug", "--vault-timeout", "3s", "env", "list"], "env"),
+     (["--log", "debug", "--vault-d", "9s", "execution"], "execution"),  # abbreviations
+     (["--vault-t", "run", "dev"], "dev"),  # "run" is the value of --vault-timeout
+     (["completion", "bash"], "completion"),
+     (["--v", "1", "run"], None),  # ambiguous: --version, --vault-timeout, --vault-deadline
+     (["--help", "run"], None), (["-h"], None), (["--version"], None), (["--", "run"], None),
+     (["--bogus", "run"], None), (["nosuch"], None), ([], None), (["--log-level"], None)],
+)  # fmt: skip
+def test_the_command_is_found_only_when_sure(argv: list[str], expected: str | None) -> None:
+    assert command_in(argv) == expected
+
+
+@pytest.mark.unit
+def test_each_group_says_which_commands_it_registers() -> None:
+    whole = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    declared = [name for group in GROUPS for name in group.COMMANDS]
+    assert [*declared, "completion"] == list(whole.choices)
+    for name in whole.choices:
+        alone = build_parser(name)
+        only = next(a for a in alone._actions if isinstance(a, argparse._SubParsersAction))
+        assert name in only.choices and len(only.choices) < len(whole.choices)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("path", commands(build_parser()), ids=" ".join)
+def test_one_commands_parser_parses_and_helps_as_the_whole_one(
+    path: tuple[str, ...], capsys: pytest.CaptureFixture[str]
+) -> None:
+    helps = []
+    for parser in (build_parser(), build_parser(path[0])):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--log-level", "debug", *path, "--help"])
+        helps.append(capsys.readouterr().out)
+        with pytest.raises(SystemExit):  # a usage error: same message
+            parser.parse_args([*path, "--no-such-flag"])
+        helps.append(capsys.readouterr().err)
+    assert helps[0] == helps[2] and helps[1] == helps[3]
+    argv = ["--vault-timeout", "7s", *path, "--log-level", "debug"]
+    outcomes = []
+    for parser in (build_parser(), build_parser(path[0])):
+        try:
+            outcomes.append({k: v for k, v in vars(parser.parse_args(argv)).items()
+                             if k != "handler"})  # fmt: skip
+        except SystemExit:  # a required option missing: the same message
+            outcomes.append({"error": capsys.readouterr().err})
+    assert outcomes[0] == outcomes[1]
+
+
+def test_the_installed_command_flushes_everything_before_its_prompt_exit(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``entry`` leaves with os._exit: whatever was printed still arrives, whole, and the exit
+    codes are main()'s and argparse's."""
+    script = broker("completion", "bash")
+    assert main(["completion", "bash"]) == 0
+    assert script.returncode == 0 and script.stdout == capsys.readouterr().out
+    assert len(script.stdout) > 4096  # more than one pipe buffer's worth
+    usage = broker("run", "--tenant", "a", "--execution", "e", "--no-such-flag")
+    assert usage.returncode == 2 and "unrecognized arguments: --no-such-flag" in usage.stderr
+    helped = broker("run", "--help")
+    assert helped.returncode == 0 and "--execution" in helped.stdout
+    hint = broker("env", "list", "--tenant", "acme", env={"PATH": "/usr/bin:/bin"})
+    assert hint.returncode == 2 and "hint:" in hint.stderr

@@ -1,7 +1,5 @@
 """``python -m broker.cli``."""
 
-import sys
+from broker.cli import entry
 
-from broker.cli import main
-
-sys.exit(main())
+entry()

@@ -417,6 +417,9 @@ def _register_approle(commands: Group) -> None:
     add_output(p)  # fmt: skip
 
 
+COMMANDS = ("setup", "policy", "keys", "approle")  # what register() adds
+
+
 def register(commands: Group) -> None:
     p = command(
         commands,

@@ -26,6 +26,9 @@ async def control_serve(args: argparse.Namespace) -> int:
     return await serve(client, Layout.from_env(), settings)
 
 
+COMMANDS = ("control",)  # what register() adds
+
+
 def register(commands: Group) -> None:
     control = commands.add_parser("control", help="the control plane's HTTP API").add_subparsers(
         dest="control_command", required=True, metavar="COMMAND")  # fmt: skip

@@ -361,6 +361,9 @@ def _register_execution(commands: Group) -> None:
     add_output(p)
 
 
+COMMANDS = ("env", "execution")  # what register() adds
+
+
 def register(commands: Group) -> None:
     _register_env(commands)
     _register_execution(commands)

@@ -67,6 +67,9 @@ def token(args: argparse.Namespace) -> int:
     return 0
 
 
+COMMANDS = ("dev",)  # what register() adds
+
+
 def register(commands: Group) -> None:
     dev = commands.add_parser("dev", help="a throwaway local dev server").add_subparsers(
         dest="dev_command", required=True, metavar="COMMAND"

@@ -62,6 +62,9 @@ async def reaper(args: argparse.Namespace) -> int:
     return 7 if report.errors else 0
 
 
+COMMANDS = ("reaper",)  # what register() adds
+
+
 def register(commands: Group) -> None:
     p = command(commands, "reaper", reaper,
                 "destroy expired contexts, free dead claims, revoke their leases (metadata only)",

@@ -158,6 +158,7 @@ def _runner_flags(parser: argparse.ArgumentParser, methods: list[str]) -> None:
 
 
 RUNNER_COMMANDS = ("run", "sidecar")  # their default log level is info, the others' warning
+COMMANDS = RUNNER_COMMANDS  # what register() adds
 
 
 def register(commands: Group) -> None:

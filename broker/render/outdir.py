@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import secrets
 import stat
 import struct
 import time
@@ -218,7 +217,7 @@ class OutputRoot:
         """A new 0700 directory for the execution (readable by ``reader_uid`` via an ACL),
         locked by this process until :meth:`ExecutionDirectory.release`."""
         directory = self.path / execution_id
-        temp = f"{_NEW}{execution_id}-{secrets.token_hex(4)}"
+        temp = f"{_NEW}{execution_id}-{os.urandom(4).hex()}"  # secrets.token_hex, lighter
         try:
             with open_directory(self.path) as root_fd:
                 os.mkdir(temp, DIR_MODE, dir_fd=root_fd)

@@ -14,7 +14,6 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import quote
 
@@ -101,6 +100,8 @@ def _retry_after(headers: Mapping[str, str]) -> float | None:
         return None
     if value.isdigit():
         return float(value)
+    from email.utils import parsedate_to_datetime  # here: ~5 ms of start-up, rarely needed
+
     try:
         return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
     except (TypeError, ValueError):
