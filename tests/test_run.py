@@ -25,20 +25,25 @@ from broker.errors import (
     PermissionDenied,
     ValidationError,
 )
+from broker.execution import context as contexts
 from broker.execution.credentials import Credentials
+from broker.limits import CONTEXTS
 from broker.render.outdir import OutputRoot
 from broker.runner import RunSettings, run_command
-from broker.vault import Transit, VaultClient
+from broker.vault import KV, Transit, VaultClient
 from tests.conftest import (
     Vault,
     accessor_alive,
+    claims,
     cli,
     context_paths,
+    run_as_runner,
     runner_role_like,
     start_run,
     wait_until,
 )
 from tests.factories import agent, environment, instance
+from tests.faultproxy import FaultProxy, Rule
 
 CHILD = r"""
 import hashlib, json, os, sys
@@ -239,7 +244,7 @@ async def test_token_auth_uses_and_revokes_a_child(
 
 
 async def test_missing_context_is_a_clear_error(
-    vault: Vault, tenant: str, shm: Path, tmp_path: Path
+    vault: Vault, admin: VaultClient, tenant: str, shm: Path, tmp_path: Path
 ) -> None:
     result = cli(
         vault, "run", "--tenant", tenant, "--execution", "never-issued", "--out", str(shm),
@@ -248,6 +253,44 @@ async def test_missing_context_is_a_clear_error(
     assert result.returncode == 2
     error = result.stderr.splitlines()[-2]
     assert f"execution never-issued: no context in tenant {tenant}" in error
+    assert await claims(admin, tenant) == []  # the claim written alongside the read is gone
+
+
+async def test_run_claims_while_it_reads_the_context(
+    vault: Vault, admin: VaultClient, tenant: str, shm: Path, tmp_path: Path, proxy: FaultProxy
+) -> None:
+    """The login is the lease: its claim does not wait for the context (one round trip less)."""
+    await issue(admin, vault.layout, tenant, "along-1")
+    proxy.add(Rule("delay", match="/data/execution-contexts/", seconds=1.0, times=1))
+    result = run_as_runner(vault, tenant, "along-1", shm, vault.jwt_for(tenant, tmp_path),
+                           "pass", vault_addr=proxy.url)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    (read,) = proxy.requests("/data/execution-contexts/")
+    (claim,) = proxy.requests("/data/execution-claims/")
+    assert claim.at - read.at < 0.5  # sent while the read was held for a second
+    assert await context_paths(admin, vault, tenant) == [] and await claims(admin, tenant) == []
+
+
+async def test_a_context_as_long_lived_as_the_login_is_claimed_again_with_a_fresh_login(
+    vault: Vault, admin: VaultClient, tenant: str, shm: Path, tmp_path: Path, logged: Any
+) -> None:
+    """27 s of context + 3 s of slack = the role's 30 s token_max_ttl: the first login, a moment
+    old, cannot outlive the context. Its claim is given back and a fresh login claims."""
+    await runner_role_like(admin, "run-30", token_ttl=10, token_max_ttl=30)
+    await issue(admin, vault.layout, tenant, "edge-1", ttl=27)
+    path = vault.layout.context_path(tenant, "edge-1")
+    stored = await contexts.read(KV(admin, vault.layout.kv_mount), path, "edge-1", tenant, CONTEXTS)
+    await asyncio.sleep(stored.remaining() - 26.8)  # ceil(remaining) = 27 for the next 0.8 s
+    status = await run(vault, tenant, "edge-1", shm, ["true"], vault.jwt_for(tenant, tmp_path),
+                       role="run-30", login_max_ttl=30)  # fmt: skip
+    assert status == 0
+    logins = [event["accessor"] for event in events(logged, "logged in")]
+    assert len(logins) == 2
+    for accessor in logins:
+        assert not await accessor_alive(admin, accessor)
+    prepared = events(logged, "execution prepared")
+    assert [event["lease_accessor"] for event in prepared] == [logins[1]]
+    assert await context_paths(admin, vault, tenant) == [] and await claims(admin, tenant) == []
 
 
 async def test_expired_context_is_refused(
@@ -342,3 +385,4 @@ async def test_a_context_outliving_the_login_is_refused_before_decrypting(
         await run(vault, tenant, "too-long", shm, ["true"], vault.jwt_for(tenant, tmp_path),
                   login_max_ttl=120)  # fmt: skip
     assert await context_paths(admin, vault, tenant) == ["too-long"]
+    assert await claims(admin, tenant) == []  # written alongside the read, given back

@@ -1,9 +1,10 @@
 """Prepare one execution and end it, the same way for every front end.
 
 prepare: read the context (login token) → lease (``LeaseMode``) → claim → decrypt (one batch)
-→ resolve → render. Nothing is written before decryption and resolution succeeded; whatever was
-acquired is given back if anything fails or the caller is cancelled, and the context is kept so
-the execution can be retried.
+→ resolve → render; when the login is the lease (``run``), the claim goes with the read. No
+file is written before decryption and resolution succeeded; whatever was acquired is given
+back if anything fails or the caller is cancelled, and the context is kept so the execution
+can be retried.
 
 end: wipe the files → drop the plaintext (memory, log redactor) → destroy the context →
 release the claim → revoke the lease. Every step is attempted; when the lease is already gone
@@ -144,21 +145,58 @@ class ExecutionCore:
                 raise BrokerError("not logged in to Vault")
             path = self._layout.context_path(self.settings.tenant, execution_id)
             kv = KV(held.client, self._layout.kv_mount)
-            context = await contexts.read(
+            reading = contexts.read(
                 kv, path, execution_id, self.settings.tenant, self.settings.context_limits
             )
+            if self.settings.lease_mode is LeaseMode.LOGIN:
+                return await self._claim_while_reading(reading, execution_id, reader_uid)
+            context = await reading
             lease = await self._lease(context)
-            try:
-                return await self._claim_and_deliver(context, lease, reader_uid)
-            except BaseException as exc:
-                claimed = not isinstance(exc, ClaimConflict)  # perhaps ours, perhaps half-done
-                await asyncio.shield(self._give_back(lease, context.execution_id, claimed))
-                raise
+            return await self._claim_and_deliver(context, lease, reader_uid)
 
-    async def _lease(self, context: contexts.StoredContext) -> Lease:
+    async def _claim_while_reading(
+        self,
+        reading: Awaitable[contexts.StoredContext],
+        execution_id: str,
+        reader_uid: int | None,
+    ) -> Execution:
+        """LeaseMode.LOGIN: the lease is the login, known before the context is, so the claim
+        is written while the context is read (one round trip less for ``run``). A context that
+        cannot be delivered gives the claim back; one living about as long as the login can
+        (``--login-max-ttl``) gives it back too and takes the sequential way, with a fresh
+        login."""
+        held = await self.keeper.token_for(0)
+        lease = Lease(held, held.login, held.client)
+        claimant, now = self._claimant(lease), datetime.now(UTC)
+        taking = claims.take(lease.client, self._layout, self.settings.tenant, execution_id,
+                             claimant, now)  # fmt: skip
+        claimed = True  # until the claim answers: perhaps ours
+        try:
+            context, took = await asyncio.gather(reading, taking, return_exceptions=True)
+            claimed = not isinstance(took, ClaimConflict)  # an error: perhaps ours
+            if isinstance(context, BaseException):
+                raise context  # the context's error first, as when it was read first
+            self._check_lifetime(context)
+            if isinstance(took, BaseException):
+                raise took
+            if self.keeper.covers(held, self._lifetime(context)):
+                return await self._decrypt_and_deliver(context, lease, claimant, now, reader_uid)
+            await claims.release_if_ours(lease.client, self._layout, self.settings.tenant,
+                                         execution_id, claimant.lease_accessor)  # fmt: skip
+            claimed = False
+        except BaseException:
+            await asyncio.shield(self._give_back(lease, execution_id, claimed))
+            raise
+        await self.keeper.detach(held)
+        return await self._claim_and_deliver(context, await self._lease(context), reader_uid)
+
+    def _lifetime(self, context: contexts.StoredContext) -> float:
+        """How long the lease's parent (the login) must live: the context, and a little more."""
+        return math.ceil(context.remaining()) + min(5.0, self.keeper.max_ttl / 10)
+
+    def _check_lifetime(self, context: contexts.StoredContext) -> None:
         remaining = math.ceil(context.remaining())
-        slack = min(5.0, self.keeper.max_ttl / 10)  # a lease's parent must outlive it a little
-        if remaining + slack > self.keeper.max_ttl:  # not even a fresh login covers it
+        if self._lifetime(context) > self.keeper.max_ttl:  # not even a fresh login covers it
             raise ValidationError(
                 f"execution {context.execution_id}",
                 [
@@ -167,7 +205,11 @@ class ExecutionCore:
                     "with a shorter --ttl or raise token_max_ttl and --login-max-ttl"
                 ],
             )
-        held = await self.keeper.token_for(remaining + slack)
+
+    async def _lease(self, context: contexts.StoredContext) -> Lease:
+        self._check_lifetime(context)
+        remaining = math.ceil(context.remaining())
+        held = await self.keeper.token_for(self._lifetime(context))
         if self.settings.lease_mode is LeaseMode.LOGIN:
             return Lease(held, held.login, held.client)
         try:
@@ -185,24 +227,41 @@ class ExecutionCore:
             raise
         return Lease(held, login, held.client.with_token(login.token))
 
+    def _claimant(self, lease: Lease) -> claims.Claimant:
+        settings = self.settings
+        return claims.Claimant(
+            settings.pod, settings.holder, lease.login.accessor, frozenset(self._abandoned)
+        )
+
     async def _claim_and_deliver(
         self, context: contexts.StoredContext, lease: Lease, reader_uid: int | None
     ) -> Execution:
-        settings = self.settings
-        claimant = claims.Claimant(
-            settings.pod, settings.holder, lease.login.accessor, frozenset(self._abandoned)
-        )
-        now = datetime.now(UTC)
-        where = (lease.client, self._layout, context.tenant, context.execution_id, claimant)
-        await claims.take(*where, now)
+        claimant, now = self._claimant(lease), datetime.now(UTC)
+        try:
+            await claims.take(lease.client, self._layout, context.tenant, context.execution_id,
+                              claimant, now)  # fmt: skip
+            return await self._decrypt_and_deliver(context, lease, claimant, now, reader_uid)
+        except BaseException as exc:
+            claimed = not isinstance(exc, ClaimConflict)  # perhaps ours, perhaps half-done
+            await asyncio.shield(self._give_back(lease, context.execution_id, claimed))
+            raise
+
+    async def _decrypt_and_deliver(
+        self,
+        context: contexts.StoredContext,
+        lease: Lease,
+        claimant: claims.Claimant,
+        now: datetime,
+        reader_uid: int | None,
+    ) -> Execution:
+        """The claim is ours: decrypt, and record the holder in the claim meanwhile."""
         secret_names = [name for name, value in context.data.items() if value.is_secret]
         decrypting = Transit(lease.client, self._layout.transit_mount).decrypt(
             self._layout.transit_key(context.tenant),
             [context.data[name].value for name in secret_names],
         )
-        _, plaintexts = await both(  # the claim is ours: attribute it meanwhile
-            claims.attribute(*where, now, context.expires_at), decrypting
-        )
+        where = (lease.client, self._layout, context.tenant, context.execution_id, claimant)
+        _, plaintexts = await both(claims.attribute(*where, now, context.expires_at), decrypting)
         return self._deliver(context, lease, reader_uid, secret_names, plaintexts)
 
     def _deliver(
