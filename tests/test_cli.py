@@ -4,7 +4,9 @@ one exit code per error class, hints printed."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import fcntl
+import gc
 import inspect
 import os
 import subprocess
@@ -13,7 +15,16 @@ import sys
 import pytest
 
 from broker import __version__, errors
-from broker.cli import EXIT_CODES, GROUPS, build_parser, command_in, exit_code, main
+from broker.cli import (
+    EXIT_CODES,
+    GROUPS,
+    StartUp,
+    _dispatch,
+    build_parser,
+    command_in,
+    exit_code,
+    main,
+)
 
 
 def commands(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
@@ -226,3 +237,33 @@ def test_the_installed_command_flushes_everything_before_its_prompt_exit(
     assert helped.returncode == 0 and "--execution" in helped.stdout
     hint = broker("env", "list", "--tenant", "acme", env={"PATH": "/usr/bin:/bin"})
     assert hint.returncode == 2 and "hint:" in hint.stderr
+
+
+@pytest.mark.unit
+def test_the_collector_pauses_only_while_a_command_starts() -> None:
+    """entry() pauses the cyclic collector; an async command's first step (imports, set-up)
+    runs without it, the rest with it; a synchronous command runs with it throughout."""
+    seen: list[bool] = []
+
+    async def serving(_: argparse.Namespace) -> int:
+        seen.append(gc.isenabled())  # the first step: still starting
+        await asyncio.sleep(0)
+        seen.append(gc.isenabled())  # serving: collecting again
+        return 0
+
+    def printing(_: argparse.Namespace) -> int:
+        seen.append(gc.isenabled())
+        return 0
+
+    try:
+        for handler in (serving, printing):
+            StartUp.pause()
+            assert not gc.isenabled()
+            assert _dispatch(argparse.Namespace(handler=handler)) == 0
+            assert gc.isenabled() and not StartUp.paused
+        assert seen == [False, True, True]
+        assert _dispatch(argparse.Namespace(handler=printing)) == 0  # not paused: untouched
+        assert gc.isenabled()
+    finally:
+        gc.enable()
+        gc.unfreeze()
