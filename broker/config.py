@@ -113,6 +113,12 @@ class VaultSettings:
             )
         if need_token and not token:
             raise ConfigError("VAULT_TOKEN (or BAO_TOKEN) is not set")
+        if not (token.isascii() and token.isprintable()) or " " in token:
+            raise ConfigError(  # the value is not shown: it is a credential
+                "VAULT_TOKEN (or BAO_TOKEN) holds a space, a line break or another character a "
+                "token never has",
+                hint="a token read from a file keeps its newline: strip it",
+            )
         if bool(_setting(environ, "CLIENT_CERT")) != bool(_setting(environ, "CLIENT_KEY")):
             raise ConfigError("VAULT_CLIENT_CERT and VAULT_CLIENT_KEY must be set together")
         return cls(

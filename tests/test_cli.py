@@ -267,3 +267,12 @@ def test_the_collector_pauses_only_while_a_command_starts() -> None:
     finally:
         gc.enable()
         gc.unfreeze()
+
+
+def test_a_token_with_a_line_break_is_refused_without_showing_it() -> None:
+    environ = {"PATH": "/usr/bin:/bin", "VAULT_ADDR": "http://127.0.0.1:9",
+               "VAULT_TOKEN": "hvs.CANARY\n"}  # fmt: skip
+    result = broker("env", "list", "--tenant", "acme", env=environ)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "VAULT_TOKEN (or BAO_TOKEN) holds a space, a line break" in result.stderr
+    assert "CANARY" not in result.stderr + result.stdout

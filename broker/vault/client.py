@@ -370,6 +370,9 @@ def _transport_error(
         return VaultUnavailable(op, path, Fault.TIMEOUT, detail=exc.detail, sent=exc.sent)
     if isinstance(exc, wire.TooLarge):
         return VaultError(op, path, Fault.BAD_ANSWER, detail=exc.detail)
+    if isinstance(exc, wire.BadHeader):
+        hint = "check VAULT_TOKEN and VAULT_NAMESPACE (or the token file) for a stray line break"
+        return VaultConfigError(op, path, Fault.INVALID, exc.detail, hint)
     return VaultUnavailable(op, path, Fault.UNKNOWN_OUTCOME, detail=exc.detail, sent=exc.sent)
 
 

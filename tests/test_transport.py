@@ -1,0 +1,227 @@
+"""The Vault client's HTTP/1.1 transport (``broker.vault.transport``) against raw HTTP servers
+that answer in every framing a server may use: lengths, chunks, a close, trickled bytes, too
+much, garbage, bytes after the answer, a kept-alive connection the server has closed. What is
+sent is checked too: nothing may smuggle a line into a request."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+import pytest
+
+from broker.config import VaultSettings
+from broker.errors import VaultConfigError
+from broker.vault import VaultClient
+from broker.vault.transport import (
+    BadHeader,
+    Dropped,
+    Origin,
+    TooLarge,
+    Transport,
+    request_head,
+)
+
+pytestmark = pytest.mark.unit
+
+Answer = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[bool]]
+
+
+@dataclass
+class RawServer:
+    """Reads each request whole, then lets ``answer`` write bytes; counts connections."""
+
+    answer: Answer
+    connections: int = 0
+    requests: list[bytes] = field(default_factory=list)
+    port: int = 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while True:
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except asyncio.IncompleteReadError:
+                    return
+                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                               if line.lower().startswith(b"content-length:")), 0)  # fmt: skip
+                self.requests.append(head + await reader.readexactly(length))
+                if not await self.answer(reader, writer, len(self.requests)):
+                    return
+        finally:
+            writer.close()
+
+
+Serve = Callable[[Answer], Awaitable[tuple[RawServer, Origin]]]
+
+
+@pytest.fixture
+async def serve() -> AsyncIterator[Serve]:
+    listeners: list[asyncio.Server] = []
+
+    async def start(answer: Answer) -> tuple[RawServer, Origin]:
+        server = RawServer(answer)
+        listener = await asyncio.start_server(server.handle, "127.0.0.1", 0)
+        listeners.append(listener)
+        server.port = listener.sockets[0].getsockname()[1]
+        return server, Origin("http", "127.0.0.1", server.port)
+
+    yield start
+    for listener in listeners:
+        listener.close()
+
+
+def canned(raw: bytes, keep: bool = True) -> Answer:
+    async def answer(_: asyncio.StreamReader, writer: asyncio.StreamWriter, __: int) -> bool:
+        writer.write(raw)
+        await writer.drain()
+        return keep
+
+    return answer
+
+
+async def get(transport: Transport, origin: Origin, max_body: int = 1 << 20) -> tuple[int, bytes]:
+    answer = await transport.request(origin, "GET", "/v1/x", [("X-Vault-Token", "t")], b"",
+                                     5.0, max_body)  # fmt: skip
+    return answer.status, answer.body
+
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+
+
+async def test_a_kept_alive_connection_carries_the_next_request(serve: Serve) -> None:
+    server, origin = await serve(canned(OK))
+    transport = Transport()
+    assert await get(transport, origin) == (200, b"{}")
+    assert await get(transport, origin) == (200, b"{}")
+    assert server.connections == 1
+    await transport.aclose()
+
+
+@pytest.mark.parametrize(
+    ("raw", "keep"),
+    [(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\n{}", False),
+     (b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\n{}", False),
+     (b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n{}", False),  # the close ends the body
+     (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}HTTP/1.1 200 OK\r\n", True)],  # extra
+    ids=["connection-close", "http-1.0", "body-to-close", "bytes-after-the-answer"],
+)  # fmt: skip
+async def test_an_answer_the_server_ends_is_whole_and_its_connection_not_reused(
+    serve: Serve, raw: bytes, keep: bool
+) -> None:
+    server, origin = await serve(canned(raw, keep))
+    transport = Transport()
+    assert await get(transport, origin) == (200, b"{}")
+    assert await get(transport, origin) == (200, b"{}")
+    assert server.connections == 2
+    await transport.aclose()
+
+
+async def test_chunks_and_headers_trickled_byte_by_byte_are_put_together(serve: Serve) -> None:
+    raw = (b"HTTP/1.1 200 OK\r\nX-Vault-Index: abc\r\nTransfer-Encoding: chunked\r\n\r\n"
+           b"3\r\n{\"a\r\n5\r\n\": 1}\r\n0\r\n\r\n")  # fmt: skip
+
+    async def trickle(_: asyncio.StreamReader, writer: asyncio.StreamWriter, __: int) -> bool:
+        for byte in raw:
+            writer.write(bytes([byte]))
+            await writer.drain()
+            await asyncio.sleep(0)
+        return True
+
+    server, origin = await serve(trickle)
+    transport = Transport()
+    answer = await transport.request(origin, "GET", "/v1/x", [], b"", 5.0, 1000)
+    assert (answer.status, answer.body) == (200, b'{"a": 1}')
+    assert answer.headers["x-vault-index"] == "abc"
+    assert await get(transport, origin) == (200, b'{"a": 1}') and server.connections == 1
+    await transport.aclose()
+
+
+async def test_an_answer_over_the_limit_is_refused(serve: Serve) -> None:
+    _, origin = await serve(canned(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"x" * 100))
+    transport = Transport()
+    with pytest.raises(TooLarge):
+        await get(transport, origin, max_body=99)
+    assert await get(transport, origin, max_body=100) == (200, b"x" * 100)
+    await transport.aclose()
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"garbage\r\n\r\n", b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n{}",
+     b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}x"],
+    ids=["not-http", "closed-mid-body", "two-lengths"],
+)  # fmt: skip
+async def test_a_broken_answer_is_dropped_and_said_to_have_been_sent(
+    serve: Serve, raw: bytes
+) -> None:
+    _, origin = await serve(canned(raw, keep=False))
+    transport = Transport()
+    with pytest.raises(Dropped) as dropped:
+        await get(transport, origin)
+    assert dropped.value.sent
+    await transport.aclose()
+
+
+async def test_a_connection_the_server_closed_while_idle_is_replaced_once(serve: Serve) -> None:
+    server, origin = await serve(canned(OK, keep=False))  # answers, then closes
+    transport = Transport()
+    assert await get(transport, origin) == (200, b"{}")
+    await asyncio.sleep(0.05)
+    assert await get(transport, origin) == (200, b"{}")
+    assert server.connections == 2 and len(server.requests) == 2  # sent once per connection
+    await transport.aclose()
+
+
+async def test_what_is_sent_is_exactly_the_request(serve: Serve) -> None:
+    server, origin = await serve(canned(OK))
+    transport = Transport()
+    await transport.request(origin, "POST", "/v1/secret/data/a%2Fb?x=1",
+                            [("X-Vault-Token", "hvs.t"), ("Content-Type", "application/json")],
+                            b'{"k": "v"}', 5.0, 1000)  # fmt: skip
+    assert server.requests == [
+        b"POST /v1/secret/data/a%2Fb?x=1 HTTP/1.1\r\n"
+        + f"Host: 127.0.0.1:{server.port}\r\n".encode()
+        + b"Content-Length: 10\r\nX-Vault-Token: hvs.t\r\nContent-Type: application/json\r\n"
+        b'\r\n{"k": "v"}'
+    ]
+    await transport.aclose()
+
+
+@pytest.mark.parametrize(
+    ("method", "target", "header"),
+    [("GET", "/v1/x", ("X-Vault-Token", "hvs.a\r\nX-Evil: 1")),
+     ("GET", "/v1/x", ("X-Vault-Token", "hvs.a\nb")),
+     ("GET", "/v1/x", ("X-Vault-Token", "nul\x00")),
+     ("GET", "/v1/x", ("X-Vault-Token", "\u20ac")),
+     ("GET", "/v1/x", ("Bad Name", "v")),
+     ("GET", "/v1/x HTTP/1.1\r\nX-Evil: 1\r\n", ("A", "b")),
+     ("GET", "/v1/a b", ("A", "b")),
+     ("G ET", "/v1/x", ("A", "b"))],
+)  # fmt: skip
+async def test_nothing_can_smuggle_a_line_into_a_request(
+    serve: Serve, method: str, target: str, header: tuple[str, str]
+) -> None:
+    with pytest.raises(BadHeader) as refused:
+        request_head(method, target, [header])
+    assert header[1] not in str(refused.value) or header[1] in ("v", "b")  # a token is not shown
+    server, origin = await serve(canned(OK))
+    transport = Transport()
+    with pytest.raises(BadHeader) as never_sent:
+        await transport.request(origin, method, target, [header], b"", 5.0, 1000)
+    assert not never_sent.value.sent and server.requests == []
+    await transport.aclose()
+
+
+async def test_a_token_with_a_line_break_is_a_configuration_error_that_does_not_show_it(
+    serve: Serve,
+) -> None:
+    server, _ = await serve(canned(OK))
+    client = VaultClient(VaultSettings.local(f"http://127.0.0.1:{server.port}", "hvs.CANARY\nX"))
+    with pytest.raises(VaultConfigError) as refused:
+        await client.get("sys/health")
+    assert "X-Vault-Token" in str(refused.value) and "CANARY" not in str(refused.value)
+    assert refused.value.hint and server.requests == []
+    await client.aclose()
