@@ -6,6 +6,7 @@ sent is checked too: nothing may smuggle a line into a request."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -145,6 +146,23 @@ async def test_an_answer_over_the_limit_is_refused(serve: Serve) -> None:
     with pytest.raises(TooLarge):
         await get(transport, origin, max_body=99)
     assert await get(transport, origin, max_body=100) == (200, b"x" * 100)
+    await transport.aclose()
+
+
+async def test_endless_headers_are_refused_without_growing(serve: Serve) -> None:
+    async def endless(_: asyncio.StreamReader, writer: asyncio.StreamWriter, __: int) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\nX-Long: ")
+        with contextlib.suppress(ConnectionError):
+            for _ in range(64):  # 4 MiB of one header value, never ended
+                writer.write(b"a" * 65536)
+                await writer.drain()
+        return False
+
+    _, origin = await serve(endless)
+    transport = Transport()
+    with pytest.raises(TooLarge) as refused:
+        await get(transport, origin, max_body=1 << 30)
+    assert "65536" in str(refused.value)
     await transport.aclose()
 
 

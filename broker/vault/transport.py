@@ -28,6 +28,7 @@ IDLE_TIMEOUT = 15.0  # seconds a pooled connection may sit unused (well under Va
 RECENT = 1.0  # seconds: a connection used this recently is not closed for idleness (Vault: 5 min)
 MAX_IDLE_PER_ORIGIN = 32
 READ_SIZE = 65536
+MAX_HEAD_BYTES = 65536  # status line and headers (and chunk framing, trailers): no more
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,7 @@ class _Answer:
         self.headers: dict[str, str] = {}  # lower-case names; a repeated one: the last
         self.chunks: list[bytes] = []
         self.size = 0
+        self.received = 0  # every byte of the answer, framing included
         self.too_large = False
         self.head_done = False
         self.complete = False
@@ -156,6 +158,11 @@ class _Answer:
         self.keep_alive = self.parser.should_keep_alive()  # only valid in the callbacks
 
     def feed(self, data: bytes) -> None:
+        """Parse ``data``; an answer whose head, or whole, outgrows its limit is refused (the
+        parser keeps an unfinished header in memory)."""
+        self.received += len(data)
+        if self.received > self.max_body + MAX_HEAD_BYTES:
+            raise TooLarge(self.max_body)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError:
@@ -164,6 +171,8 @@ class _Answer:
             self.keep_alive = False  # bytes after the answer: do not reuse the connection
         if self.too_large:
             raise TooLarge(self.max_body)
+        if not self.head_done and self.received > MAX_HEAD_BYTES:
+            raise TooLarge(MAX_HEAD_BYTES)
 
     def ends_at_close(self) -> bool:
         """A body with neither a length nor chunks ends where the connection does."""
