@@ -71,15 +71,20 @@ class Redactor:
         return Registration(self, forms)
 
     def _remove(self, forms: Counter[str]) -> None:
+        # One pass (Counter.subtract and a second loop took twice as long).
+        counts, by_prefix = self._counts, self._by_prefix
         with self._lock:
-            self._counts.subtract(forms)
-            for form in forms:
-                if self._counts[form] <= 0:
-                    del self._counts[form]
-                    bucket = self._by_prefix[form[:_PREFIX]]
+            for form, n in forms.items():
+                left = counts.get(form, 0) - n
+                if left > 0:
+                    counts[form] = left
+                    continue
+                counts.pop(form, None)
+                bucket = by_prefix.get(form[:_PREFIX])
+                if bucket is not None:
                     bucket.discard(form)
                     if not bucket:
-                        del self._by_prefix[form[:_PREFIX]]
+                        del by_prefix[form[:_PREFIX]]
 
     def __len__(self) -> int:
         return len(self._counts)

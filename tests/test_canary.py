@@ -189,6 +189,7 @@ def test_redaction_stays_exact_while_other_executions_end() -> None:
     assert redactor.scrub(text) == "<redacted> only-first-1 <redacted>"
     second.release()
     assert redactor.scrub(text) == text
+    assert len(redactor) == 0 and not redactor._by_prefix  # nothing left behind to grow
 
 
 async def test_broker_errors_carry_no_response_body(vault: Vault, admin: VaultClient) -> None:
