@@ -104,10 +104,12 @@ async def test_a_kept_alive_connection_carries_the_next_request(serve: Serve) ->
 @pytest.mark.parametrize(
     ("raw", "keep"),
     [(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\n{}", False),
+     (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nConnection: close\r\n"
+      b"Content-Length: 2\r\n\r\n{}", False),  # an informational answer first: skipped
      (b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\n{}", False),
      (b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n{}", False),  # the close ends the body
      (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}HTTP/1.1 200 OK\r\n", True)],  # extra
-    ids=["connection-close", "http-1.0", "body-to-close", "bytes-after-the-answer"],
+    ids=["connection-close", "continue-first", "http-1.0", "body-to-close", "bytes-after"],
 )  # fmt: skip
 async def test_an_answer_the_server_ends_is_whole_and_its_connection_not_reused(
     serve: Serve, raw: bytes, keep: bool

@@ -154,6 +154,9 @@ class _Answer:
             self.chunks.append(bytes(body))
 
     def on_message_complete(self) -> None:
+        if 100 <= self.parser.get_status_code() < 200:  # informational (100 Continue): skip it
+            self.headers, self.head_done, self.messages = {}, False, self.messages - 1
+            return
         self.complete = True
         self.keep_alive = self.parser.should_keep_alive()  # only valid in the callbacks
 
