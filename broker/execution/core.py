@@ -176,10 +176,10 @@ class ExecutionCore:
             claimed = not isinstance(took, ClaimConflict)  # an error: perhaps ours
             if isinstance(context, BaseException):
                 raise context  # the context's error first, as when it was read first
-            self._check_lifetime(context)
+            remaining = self._remaining(context)
             if isinstance(took, BaseException):
                 raise took
-            if self.keeper.covers(held, self._lifetime(context)):
+            if self.keeper.covers(held, remaining + self._slack):
                 return await self._decrypt_and_deliver(context, lease, claimant, now, reader_uid)
             await claims.release_if_ours(lease.client, self._layout, self.settings.tenant,
                                          execution_id, claimant.lease_accessor)  # fmt: skip
@@ -190,13 +190,16 @@ class ExecutionCore:
         await self.keeper.detach(held)
         return await self._claim_and_deliver(context, await self._lease(context), reader_uid)
 
-    def _lifetime(self, context: contexts.StoredContext) -> float:
-        """How long the lease's parent (the login) must live: the context, and a little more."""
-        return math.ceil(context.remaining()) + min(5.0, self.keeper.max_ttl / 10)
+    @property
+    def _slack(self) -> float:
+        """How much longer than its lease a login must live."""
+        return min(5.0, self.keeper.max_ttl / 10)
 
-    def _check_lifetime(self, context: contexts.StoredContext) -> None:
+    def _remaining(self, context: contexts.StoredContext) -> int:
+        """Whole seconds the context lives on; refused when not even a fresh login (and so no
+        lease) can outlive it."""
         remaining = math.ceil(context.remaining())
-        if self._lifetime(context) > self.keeper.max_ttl:  # not even a fresh login covers it
+        if remaining + self._slack > self.keeper.max_ttl:
             raise ValidationError(
                 f"execution {context.execution_id}",
                 [
@@ -205,11 +208,11 @@ class ExecutionCore:
                     "with a shorter --ttl or raise token_max_ttl and --login-max-ttl"
                 ],
             )
+        return remaining
 
     async def _lease(self, context: contexts.StoredContext) -> Lease:
-        self._check_lifetime(context)
-        remaining = math.ceil(context.remaining())
-        held = await self.keeper.token_for(self._lifetime(context))
+        remaining = self._remaining(context)
+        held = await self.keeper.token_for(remaining + self._slack)
         if self.settings.lease_mode is LeaseMode.LOGIN:
             return Lease(held, held.login, held.client)
         try:

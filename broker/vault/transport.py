@@ -91,8 +91,10 @@ def request_head(method: str, target: str, headers: Sequence[tuple[str, str]]) -
         raise BadHeader("target")
     lines = [f"{method} {target} HTTP/1.1"]
     for name, value in headers:
-        if not _TOKEN.fullmatch(name) or _FORBIDDEN_IN_VALUE.search(value):
-            raise BadHeader(name if _TOKEN.fullmatch(name) else "name")
+        if not _TOKEN.fullmatch(name):
+            raise BadHeader("name")
+        if _FORBIDDEN_IN_VALUE.search(value):
+            raise BadHeader(name)
         lines.append(f"{name}: {value}")
     try:
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
