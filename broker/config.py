@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from broker import names
 from broker.errors import ConfigError
+from broker.records import field, record
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Layout:
     """Mount points and names in Vault; every one can be changed (STIGMER_* variables)."""
 
@@ -81,7 +81,7 @@ def _addresses(text: str) -> tuple[str, ...]:
     return addresses
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class VaultSettings:
     """Where Vault is and how to talk to it. The token never shows in ``repr``."""
 

@@ -19,7 +19,6 @@ import contextlib
 import json
 import socket
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, unquote
 
@@ -27,6 +26,7 @@ import h11
 
 from broker import logs
 from broker.protocol import Problem
+from broker.records import field, record
 
 READ_SIZE = 65536
 MAX_HEADER_BYTES = 16 * 1024
@@ -34,7 +34,7 @@ JSON = "application/json"
 PROBLEM = "application/problem+json"
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Request:
     method: str
     path: str
@@ -45,7 +45,7 @@ class Request:
     socket: socket.socket | None  # the connection's socket (its peer's credentials)
 
 
-@dataclass
+@record
 class Response:
     status: int = 200
     body: bytes = b""
@@ -68,7 +68,7 @@ class BadPath(ValueError):
     """A path segment that is not percent-encoded UTF-8."""
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class _Route:
     method: str
     segments: tuple[str, ...]

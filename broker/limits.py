@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from broker.errors import ValidationError
+from broker.records import record
 
 MiB = 1024 * 1024
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Limits:
     max_bytes: int = 8 * MiB
     max_depth: int = 64

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from string import Template
 
 from broker.config import Layout
 from broker.dev.datafiles import data_dir
 from broker.errors import ConfigError
+from broker.records import record
 
 POLICY_NAMES = ("stigmer-control-plane", "stigmer-runner", "stigmer-reaper", "stigmer-admin")
 _BLOCK = re.compile(
@@ -22,7 +22,7 @@ _BLOCK = re.compile(
 )
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class IdentitySources:
     """Accessors of the enabled auth mounts a runner can log in through."""
 

@@ -8,12 +8,14 @@ same ones. Standard library only: runners import this.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from broker.records import field, record
 
-@dataclass(frozen=True)
+
+@record(frozen=True)
 class FilePaths:
     directory: str
     env: str
@@ -43,7 +45,7 @@ def runner_variables(execution_id: str, files: FilePaths) -> dict[str, str]:
     }
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Ended:
     """How an execution ended and what its cleanup did (``pending``: still being retried)."""
 
@@ -56,7 +58,7 @@ class Ended:
     pending: list[str] = field(default_factory=list)  # Vault steps still being retried
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ExecutionAnswer:
     id: str
     state: str
@@ -120,7 +122,7 @@ class ExecutionAnswer:
         return {**values, **runner_variables(self.id, self._files())}
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Problem:
     """An error answer, in the shape of RFC 9457 problem details (never a value)."""
 

@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
 from broker.errors import ResolveError, ValidationError
+from broker.records import field, record
 
 ServerConfig = dict[str, Any]
 SERVER_TYPES = ("stdio", "http", "docker")
@@ -45,7 +45,7 @@ def referenced_name(match: re.Match[str]) -> str:
     return reference.group("name") if reference else ""
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Entry:
     """One layer's word on one variable."""
 
@@ -54,7 +54,7 @@ class Entry:
     sealed: bool = False  # the value is Transit ciphertext
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Layer:
     """A named source of entries, e.g. ``environment env-prod`` or ``runtime_env``."""
 
@@ -62,7 +62,7 @@ class Layer:
     entries: Mapping[str, Entry]
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Variable:
     """A merged variable: the winning value, sticky secret-ness, and where the value came from."""
 
@@ -109,7 +109,7 @@ def merge(
 # --- placeholders ---------------------------------------------------------------------------
 
 
-@dataclass
+@record
 class _Substitution:
     """Collects problems and the names used while substituting one document."""
 

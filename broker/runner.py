@@ -14,7 +14,6 @@ import os
 import signal
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from broker import logs
 from broker.config import Layout
@@ -24,11 +23,12 @@ from broker.execution.core import CoreSettings, Execution, ExecutionCore, LeaseM
 from broker.execution.credentials import Credentials, login
 from broker.execution.keeper import TokenKeeper
 from broker.limits import CONTEXTS, Limits
+from broker.records import record
 from broker.render.outdir import OutputRoot
 from broker.vault import Login, VaultClient
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class RunSettings:
     tenant: str
     execution_id: str

@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from broker.errors import ResolveError, ValidationError
+from broker.records import record
 from broker.resolve import Variable, map_strings
 
 # Upper-case names, as Stigmer's runner matches them: ${ .secrets.token } is jq's.
@@ -106,7 +106,7 @@ def holding(tasks: Sequence[Any], broker: bool = False) -> list[dict[str, Any]]:
     return recorded
 
 
-@dataclass
+@record
 class _Pass:
     variables: Mapping[str, Variable]
     pattern: re.Pattern[str]

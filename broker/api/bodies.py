@@ -6,7 +6,6 @@ prefixed with where the resource sits in the body (``/template``, ``/instance``,
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -33,6 +32,7 @@ from broker.model import (
     parse_resource,
 )
 from broker.model.base import VariableName
+from broker.records import field, record
 
 EXECUTION_FIELDS = {"template", "instance", "execution", "environments", "runtime_env", "ttl",
                     "id", "allow_secret_in_args", "allow_env_names", "mcp_servers"}  # fmt: skip
@@ -71,7 +71,7 @@ def environment(raw: bytes, name: str) -> Environment:
     return parse_resource(body, Environment)
 
 
-@dataclass
+@record
 class ExecutionRequest:
     """What ``execution create`` takes, as one JSON body."""
 

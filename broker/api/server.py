@@ -7,7 +7,6 @@ import asyncio
 import signal
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -18,12 +17,13 @@ from broker.api.bodies import BodyError
 from broker.config import Layout
 from broker.errors import BrokerError, VaultError
 from broker.limits import REQUESTS
+from broker.records import record
 from broker.vault import VaultClient
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ControlSettings:
     host: str = "127.0.0.1"
     port: int = 8300

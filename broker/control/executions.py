@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from contextlib import suppress
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -36,6 +35,7 @@ from broker.model import (
     parse_resource,
     to_document,
 )
+from broker.records import field, record
 from broker.resolve import (
     Entry,
     Layer,
@@ -50,7 +50,7 @@ from broker.vault import KV, Transit, VaultClient
 MAX_TTL = timedelta(days=7)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class RuntimeValue:
     """One runtime_env entry as given on the command line or in an AgentExecution."""
 
@@ -58,7 +58,7 @@ class RuntimeValue:
     is_secret: bool = False
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class IssuedContext:
     execution_id: str
     tenant: str
@@ -103,7 +103,7 @@ def _check_pairing(
         )
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ListedExecution:
     id: str
     expires_at: str
@@ -128,7 +128,7 @@ def runtime_env(
     return merged
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class _Ref:
     where: str
     name: str

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 from broker.config import Layout
 from broker.errors import Conflict, NotFound, ValidationError
+from broker.records import record
 from broker.vault import KV, Transit, VaultClient
 
 _VERSION = re.compile(r"^vault:v(\d+):")
@@ -26,7 +26,7 @@ def key_version(ciphertext: str) -> int:
     return int(match.group(1)) if match else 0
 
 
-@dataclass
+@record
 class RewrapReport:
     tenant: str
     latest_version: int

@@ -11,10 +11,10 @@ import base64
 import secrets
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager, suppress
-from dataclasses import dataclass, field
 
 from broker.config import Layout
 from broker.errors import BrokerError, ConfigError, PermissionDenied
+from broker.records import field, record
 from broker.vault import KV, Transit, VaultClient, jwt_login
 from broker.vault.kv import FORMAT
 
@@ -76,7 +76,7 @@ EXPECTED: dict[str, dict[str, tuple[str, ...]]] = {
 }  # fmt: skip
 
 
-@dataclass
+@record
 class Cell:
     operation: str
     identity: str
@@ -89,7 +89,7 @@ class Cell:
         return self.expected == self.got
 
 
-@dataclass
+@record
 class CheckReport:
     tenant: str
     other_tenant: str

@@ -13,19 +13,19 @@ in each pass:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from broker import logs, names
 from broker.config import Layout
 from broker.errors import NotFound, VaultError
+from broker.records import field, record
 from broker.vault import KV, Metadata, VaultClient, lookup_accessor, revoke_accessor
 
 UNRECORDED_CLAIM = timedelta(seconds=60)  # a claim this old without a lease accessor is dead
 
 
-@dataclass
+@record
 class ReapReport:
     tenants: int = 0
     contexts_destroyed: int = 0

@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import signal
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import timedelta
 
 from prometheus_client import CollectorRegistry, Counter, generate_latest
@@ -17,6 +16,7 @@ from broker.config import Layout
 from broker.control.reaper import Reaper, ReapReport
 from broker.execution.keeper import TokenKeeper
 from broker.httpserver import HttpServer, Request, Response, Router, json_response
+from broker.records import record
 
 
 class ReaperMetrics:
@@ -39,7 +39,7 @@ class ReaperMetrics:
         self.errors.inc(len(report.errors))
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class LoopSettings:
     tenants: tuple[str, ...]  # empty: every tenant found
     interval: float

@@ -7,7 +7,6 @@ identities (JWT auth always; Kubernetes auth and AppRole on request), and the po
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from broker import names, policies
@@ -15,19 +14,20 @@ from broker.config import Layout
 from broker.dev import DEFAULT_AUDIENCE, DEFAULT_ISSUER, SERVICE_ACCOUNT
 from broker.errors import ConfigError, Fault, NotFound, VaultError
 from broker.policies import IdentitySources
+from broker.records import field, record
 from broker.vault import Transit, VaultClient
 
 RUNNER_POLICY = "stigmer-runner"
 REAPER_POLICY = "stigmer-reaper"
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Change:
     item: str
     action: str  # "created", "updated" or "unchanged"
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class TokenLimits:
     """Runner login tokens are short-lived; the broker renews them while it works."""
 
@@ -35,7 +35,7 @@ class TokenLimits:
     max_ttl: int = 2 * 3600
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class JwtSettings:
     """How Vault checks service-account JWTs: PEM keys, or a JWKS URL / OIDC discovery URL
     that Vault fetches itself (key rotation then needs no setup run)."""
@@ -51,7 +51,7 @@ class JwtSettings:
     reaper_namespace: str = "stigmer-system"  # the one namespace whose stigmer-reaper may reap
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class KubernetesSettings:
     host: str
     ca_cert: str = ""
@@ -60,14 +60,14 @@ class KubernetesSettings:
     reaper_namespace: str = "stigmer-system"
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class AppRoleSettings:
     tenants: tuple[str, ...]
     secret_id_ttl: int = 10 * 60
     secret_id_num_uses: int = 1
 
 
-@dataclass
+@record
 class Bootstrap:
     client: VaultClient
     layout: Layout

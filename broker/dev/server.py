@@ -18,7 +18,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from dataclasses import dataclass, field
 from pathlib import Path
 from string import Template
 
@@ -26,6 +25,7 @@ from broker import dev
 from broker.config import VaultSettings
 from broker.dev.datafiles import data_dir
 from broker.errors import ConfigError
+from broker.records import field, record
 
 DEFAULT_STATE_DIR = Path(dev.DEFAULT_STATE_DIR)
 # Servers started by this process, so stop() can reap them (no zombies, no ResourceWarning).
@@ -34,7 +34,7 @@ IDENTITY_KEY = dev.IDENTITY_KEY
 AUDIT_LOG = "audit.log"
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class DevServer:
     addr: str
     token: str = field(repr=False)

@@ -24,18 +24,18 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
 from datetime import datetime
 
 from broker import logs
 from broker.config import Layout
 from broker.errors import ClaimConflict, Conflict, NotFound, PermissionDenied, VaultError
+from broker.records import record
 from broker.vault import KV, VaultClient, lookup_accessor
 
 GRACE = 60  # seconds a claim outlives its context in KV before KV deletes it itself
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Claimant:
     pod: str
     mode: str  # "run" or "sidecar"
@@ -43,7 +43,7 @@ class Claimant:
     abandoned: frozenset[str] = frozenset()  # accessors of leases this process gave up
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Holder:
     pod: str
     mode: str

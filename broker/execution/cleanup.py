@@ -6,13 +6,14 @@ only. ``pending`` lists the Vault steps still to do, which the front ends retry.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
+
+from broker.records import field, record
 
 DONE = {"context": ("destroyed",), "claim": ("released",), "lease": ("revoked", "already revoked")}
 
 
-@dataclass
+@record
 class Cleanup:
     files_removed: list[str] = field(default_factory=list)
     context: str = "kept"  # destroyed | kept | failed

@@ -9,24 +9,24 @@ MCP server names and shapes, the tenant, the execution id and the expiry.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from broker import names
 from broker.errors import ContextExpired, ContextNotFound, NotFound, ValidationError
 from broker.limits import CONTEXTS, Limits
+from broker.records import field, record
 from broker.resolve import SERVER_TYPES, ServerConfig, environment_names
 from broker.vault import KV
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class StoredValue:
     value: str = field(repr=False)  # Transit ciphertext when is_secret
     is_secret: bool
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class StoredContext:
     execution_id: str
     tenant: str

@@ -19,7 +19,6 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import Enum
 from typing import Any
@@ -35,6 +34,7 @@ from broker.execution.keeper import HeldToken, TokenKeeper
 from broker.limits import CONTEXTS, Limits
 from broker.logs import REDACTOR, Registration
 from broker.protocol import FilePaths, runner_variables
+from broker.records import field, record
 from broker.render.files import contents, render
 from broker.render.outdir import ExecutionDirectory, OutputRoot
 from broker.render.wipe import wipe
@@ -55,7 +55,7 @@ STRIPPED_FROM_CHILD = ("VAULT_", "BAO_", "STIGMER_DEV_IDENTITY_KEY")
 FIRST_CLEANUP_DEADLINE = 5.0  # seconds for the first try at the Vault steps of an end
 
 
-@dataclass
+@record
 class _GiveBack:
     """What a failed preparation still has to give back."""
 
@@ -73,7 +73,7 @@ class LeaseMode(Enum):
     CHILD = "child"  # a child token per execution (sidecar; run with a given token)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class CoreSettings:
     tenant: str
     out: OutputRoot
@@ -87,14 +87,14 @@ class CoreSettings:
     context_limits: Limits = CONTEXTS  # a larger context is refused before decrypting
 
 
-@dataclass(eq=False)
+@record(eq=False)
 class Lease:
     held: HeldToken  # the login it depends on (LeaseMode.LOGIN: the lease itself)
     login: Login
     client: VaultClient
 
 
-@dataclass(eq=False)
+@record(eq=False)
 class Execution:
     """A prepared execution: its plaintext lives here until ``end`` drops it."""
 

@@ -6,19 +6,19 @@ every login because the kubelet rotates projected service-account tokens.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from broker.config import Layout
 from broker.errors import ConfigError
+from broker.records import record
 from broker.vault import Login, VaultClient, approle_login, jwt_login, unwrap_secret_id
 
 AuthMethod = Literal["jwt", "kubernetes", "approle", "token"]
 KUBERNETES_TOKEN_PATH = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Credentials:
     method: AuthMethod = "jwt"
     jwt_file: Path = KUBERNETES_TOKEN_PATH

@@ -22,10 +22,10 @@ import asyncio
 import functools
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 
 from broker import logs
 from broker.errors import BrokerError, PermissionDenied, VaultError
+from broker.records import record
 from broker.vault import Login, VaultClient, deadline, lookup_self, renew_self, revoke_self
 from broker.vault.retry import single_attempt
 
@@ -35,7 +35,7 @@ LoginFunction = Callable[[], Awaitable[Login]]
 Observer = Callable[[str, str], None]  # (what, result): ("login", "ok"), ("renewal", "failed")
 
 
-@dataclass(eq=False)
+@record(eq=False)
 class HeldToken:
     login: Login
     client: VaultClient

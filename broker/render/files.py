@@ -7,13 +7,13 @@ All contents are built first, then written, so a failure leaves no half-written 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from broker import envfile
 from broker.errors import RenderError
+from broker.records import record
 from broker.render import formats
 from broker.render.outdir import ExecutionDirectory, write_atomic
 from broker.resolve import ServerConfig, Variable
@@ -21,7 +21,7 @@ from broker.resolve import ServerConfig, Variable
 FILE_NAMES = ("env", "env.json", "mcp.json", "manifest.json")
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class RenderedFiles:
     directory: Path
 

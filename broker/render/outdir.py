@@ -24,11 +24,11 @@ import struct
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
 from pathlib import Path
 
 from broker import logs
 from broker.errors import RenderError
+from broker.records import record
 
 MEMORY_FILESYSTEMS = {"tmpfs", "ramfs"}
 DIR_MODE, FILE_MODE = 0o700, 0o400
@@ -103,7 +103,7 @@ def open_directory(path: Path | str, dir_fd: int | None = None) -> Iterator[int]
         os.close(fd)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ExecutionDirectory:
     """A directory the broker created; ``identity`` is its (device, inode); ``lock_fd`` holds
     its ``flock`` while the execution lives (-1: not held)."""
@@ -179,7 +179,7 @@ def _unlocked_leftover(root_fd: int, name: str) -> int | None:
     return fd
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class OutputRoot:
     """Where execution directories go. ``check()`` once at start, then ``create()`` each."""
 

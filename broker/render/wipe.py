@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import os
 import stat
-from dataclasses import dataclass, field
 
 from broker.errors import RenderError
+from broker.records import field, record
 from broker.render.outdir import ExecutionDirectory, open_directory
 
 MAX_DEPTH = 32
@@ -22,7 +22,7 @@ MAX_ENTRIES = 10_000
 MAX_OVERWRITE = 64 * 1024 * 1024
 
 
-@dataclass
+@record
 class WipeReport:
     removed: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)  # "name: reason", never contents

@@ -16,7 +16,6 @@ import contextlib
 import os
 import signal
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from broker import logs
@@ -27,6 +26,7 @@ from broker.execution.credentials import Credentials, login
 from broker.execution.keeper import TokenKeeper
 from broker.httpserver import HttpServer
 from broker.limits import CONTEXTS, REQUESTS, Limits
+from broker.records import field, record
 from broker.render.outdir import OutputRoot
 from broker.sidecar.api import build_metrics_router, build_router
 from broker.sidecar.gate import PeerGate
@@ -37,7 +37,7 @@ from broker.sidecar.registry import Registry, Retention
 from broker.vault import Login, VaultClient
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class SidecarSettings:
     tenant: str
     socket: Path

@@ -13,7 +13,6 @@ import asyncio
 import os
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, NoReturn
@@ -30,6 +29,7 @@ from broker.errors import (
 from broker.execution.cleanup import Cleanup
 from broker.execution.core import Execution, ExecutionCore
 from broker.protocol import Ended, ExecutionAnswer
+from broker.records import field, record
 from broker.resolve import mask, resolve_document
 from broker.sidecar.metrics import Metrics
 
@@ -47,7 +47,7 @@ class State(StrEnum):
     FAILED = "failed"
 
 
-@dataclass(eq=False)
+@record(eq=False)
 class Record:
     id: str
     owner_uid: int
@@ -76,7 +76,7 @@ class Record:
         )
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Retention:
     """How many ended executions' summaries are kept, and for how long."""
 
@@ -328,19 +328,19 @@ class Registry:
         """Notice leases revoked from outside; fail their executions and wipe their files."""
         while True:
             await asyncio.sleep(interval)
-            for record in [r for r in self.active() if r.state is State.ACTIVE]:
-                execution = record.execution
+            for entry in [r for r in self.active() if r.state is State.ACTIVE]:
+                execution = entry.execution
                 if execution is None:
                     continue
                 try:
                     alive = await self._core.lease_alive(execution)
                 except VaultError as exc:
-                    logs.event("lease check failed", execution_id=record.id, error=str(exc))
+                    logs.event("lease check failed", execution_id=entry.id, error=str(exc))
                     continue
                 if not alive:
                     logs.security("lease revoked from outside", "lease-revoked",
-                                  execution_id=record.id)  # fmt: skip
-                    await self.fail(record, "lease revoked")
+                                  execution_id=entry.id)  # fmt: skip
+                    await self.fail(entry, "lease revoked")
 
     async def end_all(self, reason: str) -> None:
         results = await asyncio.gather(

@@ -10,17 +10,17 @@ nothing (see ``retry.Safety``).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 from broker.errors import Fault, IdentityError, NotFound, PermissionDenied, VaultError
+from broker.records import field, record
 from broker.vault.client import VaultClient
 from broker.vault.retry import Safety
 
 _REFUSED = (Fault.INVALID, Fault.FORBIDDEN)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Login:
     """A token the broker obtained; ``token`` never shows in repr."""
 

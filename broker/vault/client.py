@@ -13,7 +13,6 @@ import json
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
@@ -30,6 +29,7 @@ from broker.errors import (
     VaultError,
     VaultUnavailable,
 )
+from broker.records import field, record
 from broker.vault import transport as wire
 from broker.vault.consistency import StateIndex
 from broker.vault.retry import (
@@ -108,7 +108,7 @@ def _retry_after(headers: Mapping[str, str]) -> float | None:
         return None
 
 
-@dataclass
+@record
 class _Addresses:
     """The configured servers; requests go to the preferred one, which moves on faults."""
 
@@ -122,7 +122,7 @@ class _Addresses:
         self.preferred = (self.preferred + 1) % len(self.origins)
 
 
-@dataclass
+@record
 class _Shared:
     """What every client of one server shares, whatever its token."""
 

@@ -9,23 +9,23 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 from broker.errors import Fault, NotFound, ValidationError, VaultError
 from broker.limits import FILES, Limits, parse_json
+from broker.records import field, record
 from broker.vault.client import VaultClient
 
 FORMAT = "stigmer-broker/v1"
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Document:
     data: dict[str, Any]
     version: int
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Metadata:
     current_version: int
     created_time: str

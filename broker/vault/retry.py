@@ -20,10 +20,10 @@ import random
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from enum import Enum
 
 from broker.errors import Fault, VaultError, VaultUnavailable
+from broker.records import record
 
 _deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar(
     "vault_deadline", default=None
@@ -42,7 +42,7 @@ class Safety(Enum):
 _NOT_PROCESSED = {Fault.UNREACHABLE, Fault.SEALED, Fault.STANDBY, Fault.RATE_LIMITED}
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class RetryPolicy:
     base_delay: float = 0.1
     max_delay: float = 5.0

@@ -19,10 +19,11 @@ import ssl
 import time
 import weakref
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import httptools
+
+from broker.records import record
 
 IDLE_TIMEOUT = 15.0  # seconds a pooled connection may sit unused (well under Vault's own)
 RECENT = 1.0  # seconds: a connection used this recently is not closed for idleness (Vault: 5 min)
@@ -31,7 +32,7 @@ READ_SIZE = 65536
 MAX_HEAD_BYTES = 65536  # status line and headers (and chunk framing, trailers): no more
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Response:
     status: int
     headers: Mapping[str, str]  # lower-case names
@@ -102,7 +103,7 @@ def request_head(method: str, target: str, headers: Sequence[tuple[str, str]]) -
         raise BadHeader("value") from None
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Origin:
     scheme: str
     host: str
