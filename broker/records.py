@@ -92,10 +92,16 @@ def _init(cls: type, found: tuple[Field[Any], ...]) -> Callable[..., None]:
     names = tuple(f.name for f in fields)
     later = tuple(f for f in found if not f.init)  # set from their defaults
     count = len(names)
+    plain = not later
     setter = object.__setattr__
     where = f"{cls.__qualname__}.__init__()"
 
     def __init__(self: object, *args: Any, **kwargs: Any) -> None:
+        if not kwargs and len(args) == count and plain:  # the common case, fast
+            attributes = self.__dict__
+            for name, value in zip(names, args, strict=False):  # lengths checked
+                attributes[name] = value
+            return
         if len(args) > count:
             raise TypeError(
                 f"{where} takes {count + 1} positional arguments but {len(args) + 1} were given"

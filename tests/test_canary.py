@@ -167,16 +167,46 @@ def test_log_formatter_redacts_decrypted_values_in_every_form(
     monkeypatch.setattr(logs, "REDACTOR", redactor)
     value = "cnry-log-1f2e3d4c-do-not-leak"
     registration = redactor.register([value])
-    message = " ".join([*forms(value), base64.urlsafe_b64encode(value.encode()).decode()])
+    url_safe = base64.urlsafe_b64encode(value.encode()).decode()
+    message = " ".join([*forms(value), url_safe, url_safe.rstrip("=") + "."])  # padded, or not
     record = logging.LogRecord("x", logging.INFO, __file__, 1, "value %s", (message,), None)
     record.fields = {"detail": value}  # type: ignore[attr-defined]
     line = JsonFormatter().format(record)
     assert value not in line and base64.b64encode(value.encode()).decode() not in line
     assert quote(value, safe="") not in line
-    assert line.count("<redacted>") >= 5
+    assert url_safe.rstrip("=") not in line
+    assert line.count("<redacted>") >= 6
     registration.release()  # the execution ended: the value leaves the redactor
     assert len(redactor) == 0
     assert value in JsonFormatter().format(record)
+
+
+@pytest.mark.unit
+def test_every_base64_spelling_of_a_value_is_redacted() -> None:
+    redactor = Redactor()
+    value = "pass>?>word"  # its base64 has "/" (URL-safe: "_") and padding
+    redactor.register([value])
+    standard = base64.b64encode(value.encode()).decode()
+    url_safe = base64.urlsafe_b64encode(value.encode()).decode()
+    assert "/" in standard and "_" in url_safe and standard.endswith("=")
+    for spelling in (standard, standard.rstrip("="), url_safe, url_safe.rstrip("=")):
+        scrubbed = redactor.scrub(f"token={spelling};")
+        assert scrubbed.startswith("token=<redacted>") and spelling.rstrip("=") not in scrubbed
+
+
+@pytest.mark.unit
+def test_values_are_indexed_when_a_line_needs_them_and_forgotten_either_way() -> None:
+    redactor = Redactor()
+    unlogged = redactor.register(["ended-before-any-line"])
+    unlogged.release()  # no line was scrubbed in between: never indexed, nothing left
+    assert not redactor._pending and not redactor._by_prefix and len(redactor) == 0
+    first = redactor.register(["first-value-1"])
+    assert redactor.scrub("x first-value-1") == "x <redacted>"  # indexed on demand
+    second = redactor.register(["second-value-2"])  # pending while the first is indexed
+    first.release()
+    assert redactor.scrub("first-value-1 second-value-2") == "first-value-1 <redacted>"
+    second.release()
+    assert len(redactor) == 0 and not redactor._by_prefix and not redactor._pending
 
 
 @pytest.mark.unit
