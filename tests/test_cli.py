@@ -280,3 +280,16 @@ def test_a_token_with_a_line_break_is_refused_without_showing_it() -> None:
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "VAULT_TOKEN (or BAO_TOKEN) holds a space, a line break" in result.stderr
     assert "CANARY" not in result.stderr + result.stdout
+
+
+@pytest.mark.unit
+def test_argparse_messages_are_translated_once_each() -> None:
+    import gettext
+
+    translate = vars(argparse)["_"]
+    assert translate("usage: ") == gettext.gettext("usage: ")
+    build_parser(None)
+    before = translate.cache_info()
+    build_parser(None)  # the same ~100 messages again: all remembered
+    after = translate.cache_info()
+    assert after.misses == before.misses and after.hits - before.hits >= 50

@@ -8,6 +8,7 @@ Vault start fast.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -27,6 +28,18 @@ PROG = "stigmer-broker"
 _DURATION = re.compile(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?", re.ASCII)
 Handler = Callable[[argparse.Namespace], Any]  # returns an exit code, or a coroutine of one
 Group: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+
+def _translate_once() -> None:
+    """argparse asks gettext for each of its messages as a parser is built (~100 for the whole
+    CLI), and gettext looks for a catalogue on disk every time: ~90 µs each, ~9 ms of
+    ``--help`` on a 2-core VM. The answer cannot change within a process: ask once a message."""
+    namespace = vars(argparse)
+    if not hasattr(namespace["_"], "cache_info"):
+        namespace["_"] = functools.cache(namespace["_"])
+
+
+_translate_once()
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
