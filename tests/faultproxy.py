@@ -62,6 +62,8 @@ class FaultProxy:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()  # the connections accepted, until closed
+        self._handlers: set[asyncio.Task[None]] = set()
         self._lock = threading.Lock()
 
     @property
@@ -73,7 +75,7 @@ class FaultProxy:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             self.port = probe.getsockname()[1]
-        start = asyncio.start_server(self._client, "127.0.0.1", self.port)
+        start = asyncio.start_server(self._accepted, "127.0.0.1", self.port)
         self._server = asyncio.run_coroutine_threadsafe(start, self._loop).result(10)
         return self
 
@@ -85,6 +87,7 @@ class FaultProxy:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            self._close_accepted()
 
         asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
@@ -99,12 +102,13 @@ class FaultProxy:
             self._server.close()
             for task in [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]:
                 task.cancel()
+            self._close_accepted()
 
         asyncio.run_coroutine_threadsafe(close(), self._loop).result(10)
 
     def come_back(self) -> None:
         """Listen again on the same port."""
-        start = asyncio.start_server(self._client, "127.0.0.1", self.port)
+        start = asyncio.start_server(self._accepted, "127.0.0.1", self.port)
         self._server = asyncio.run_coroutine_threadsafe(start, self._loop).result(10)
 
     def add(self, rule: Rule) -> Rule:
@@ -134,6 +138,19 @@ class FaultProxy:
 
     # --- one client connection ----------------------------------------------------------------
 
+    def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Known from the moment it is accepted: a handler task cancelled before its first step
+        (go_away, stop) never runs its ``finally``, and its connection is closed here instead."""
+        self._writers.add(writer)
+        task = asyncio.get_running_loop().create_task(self._client(reader, writer))
+        self._handlers.add(task)  # a strong reference while it runs
+        task.add_done_callback(self._handlers.discard)
+
+    def _close_accepted(self) -> None:
+        for writer in list(self._writers):
+            writer.close()
+        self._writers.clear()
+
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with self._lock:
             self.connections += 1
@@ -157,6 +174,7 @@ class FaultProxy:
             return
         finally:
             writer.close()
+            self._writers.discard(writer)
 
     async def _answer(
         self,
