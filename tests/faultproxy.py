@@ -2,7 +2,7 @@
 
 Per request (a path substring, a number of times) or per time window it can: pass; delay;
 accept and hang; trickle the response; reset mid-response; answer 503 sealed; 429 with or
-without ``Retry-After``; 500; drop the response after the server processed the request; refuse
+without ``Retry-After``; 500; 400 "invalid request"; drop the response after the server processed the request; refuse
 connections. It records every request with a timestamp, so tests can assert on backoff, rates
 and counts. It runs its own event loop in a thread, so sync and async tests can use it.
 """
@@ -25,7 +25,7 @@ HOP_BY_HOP = {b"connection", b"keep-alive", b"transfer-encoding", b"content-leng
 
 @dataclass
 class Rule:
-    action: str  # pass delay hang trickle reset sealed rate-limit error drop refuse
+    action: str  # pass delay hang trickle reset sealed rate-limit error invalid drop refuse
     match: str = ""  # substring of the request path; "" matches every request
     times: int | None = None  # apply this many times, then the rule is spent
     seconds: float = 0.0  # delay, or the pause between trickled bytes
@@ -189,7 +189,7 @@ class FaultProxy:
     ) -> bool:
         """Answer one request as ``action`` says; False when the connection must end."""
         canned = {"sealed": (503, ["Vault is sealed"]), "rate-limit": (429, ["rate limit quota exceeded"]),
-                  "error": (500, ["internal error"])}  # fmt: skip
+                  "error": (500, ["internal error"]), "invalid": (400, ["invalid request"])}  # fmt: skip
         if action == "refuse":
             writer.transport.abort()
             return False

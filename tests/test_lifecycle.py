@@ -15,8 +15,15 @@ from typing import Any
 
 import pytest
 
+from broker.config import VaultSettings
 from broker.control.executions import RuntimeValue
-from broker.errors import BrokerClientError, IdentityError, NotFound, PermissionDenied
+from broker.errors import (
+    BrokerClientError,
+    IdentityError,
+    NotFound,
+    PermissionDenied,
+    VaultError,
+)
 from broker.vault import KV, Transit, VaultClient, jwt_login
 from tests.conftest import (
     Vault,
@@ -77,6 +84,38 @@ def kill_group(process: subprocess.Popen[str]) -> None:
 
 
 # --- a context really expires ----------------------------------------------------------------
+
+
+async def test_revoking_a_lease_that_is_gone_already_is_not_an_error(
+    admin: VaultClient, vault: Vault, proxy: FaultProxy
+) -> None:
+    """The reaper looks a lease up, then revokes it. A lease gone meanwhile is answered 200
+    "No token found" — or 400 "invalid request" when its TTL ends during the revocation (seen
+    once in this suite): both are the outcome the reaper wanted. A 400 for a lease that still
+    exists is not."""
+    from broker.vault import lookup_accessor, revoke_accessor
+
+    async def token() -> tuple[str, str]:
+        auth = await admin.post("auth/token/create", {"ttl": "1h", "policies": ["default"]})
+        return auth["auth"]["client_token"], auth["auth"]["accessor"]
+
+    _, live = await token()
+    assert await revoke_accessor(admin, live) is True
+    assert await lookup_accessor(admin, live) is None
+    gone_token, gone = await token()
+    await admin.with_token(gone_token).post("auth/token/revoke-self")
+    assert await revoke_accessor(admin, gone) is False  # 200 with the warning
+    assert await revoke_accessor(admin, "no-such-accessor") is False
+    through = VaultClient(VaultSettings.local(proxy.url, vault.server.token))
+    try:
+        proxy.add(Rule("invalid", match="revoke-accessor"))
+        assert await revoke_accessor(through, gone) is False  # 400, and the lookup finds none
+        _, alive = await token()
+        with pytest.raises(VaultError):
+            await revoke_accessor(through, alive)  # 400, but the lease is still there
+        assert await lookup_accessor(admin, alive) is not None
+    finally:
+        await through.aclose()
 
 
 async def test_a_never_run_context_is_destroyed_by_one_reaper_pass(

@@ -138,8 +138,7 @@ class Reaper:
         )
         if not stale:
             return
-        if alive:
-            await revoke_accessor(self._client, accessor)
+        if alive and await revoke_accessor(self._client, accessor):  # False: it expired meanwhile
             report.leases_revoked += 1
         await self._kv.destroy(path)
         report.claims_released += 1

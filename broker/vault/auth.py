@@ -170,7 +170,18 @@ async def lookup_accessor(client: VaultClient, accessor: str) -> dict[str, Any] 
     return dict(answer.get("data") or {})
 
 
-async def revoke_accessor(client: VaultClient, accessor: str) -> None:
-    await client.post(
-        "auth/token/revoke-accessor", {"accessor": accessor}, operation="revoke-accessor"
-    )
+async def revoke_accessor(client: VaultClient, accessor: str) -> bool:
+    """Revoke the token behind ``accessor``: True, or False when it was gone already.
+
+    A gone token is answered 200 with the warning "No token found with this accessor"; one
+    whose TTL ends while it is being revoked, 400 "invalid request" — gone as well once a
+    lookup no longer finds it."""
+    try:
+        answer = await client.post(
+            "auth/token/revoke-accessor", {"accessor": accessor}, operation="revoke-accessor"
+        )
+    except VaultError as exc:
+        if exc.kind is Fault.INVALID and await lookup_accessor(client, accessor) is None:
+            return False
+        raise
+    return not any("No token found" in str(w) for w in answer.get("warnings") or ())
