@@ -159,3 +159,20 @@ def test_init_false_fields_take_their_defaults() -> None:
 
         assert Counter("c").seen == []
         assert outcome(lambda: Counter("c", seen=[]))[0] == "TypeError"
+
+
+def test_the_broker_declares_its_records_with_record() -> None:
+    """``@dataclass`` compiles six methods at import (~1.2 ms a class on a cold start)."""
+    import re
+    from pathlib import Path
+
+    import broker
+
+    root = Path(broker.__file__).parent
+    offenders = [
+        f"{path.relative_to(root)}:{number}"
+        for path in sorted(root.rglob("*.py"))
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if re.match(r"\s*@(dataclasses\.)?dataclass\b", line)
+    ]
+    assert offenders == [], f"use @record (broker/records.py) instead of @dataclass: {offenders}"
