@@ -11,7 +11,8 @@ The behaviour is the dataclass's for what the broker uses: positional and keywor
 defaults and ``field(default_factory=…, repr=False, compare=False, hash=…, init=False)``,
 ``frozen`` (``FrozenInstanceError``), ``eq`` and the hash it implies. ``order``, ``slots``,
 ``kw_only`` and ``InitVar`` are not offered. The class's ``__dataclass_params__`` says
-``init=False, repr=False, eq=False`` (the standard library did not write those methods).
+``init=False, repr=False, eq=False`` (the standard library did not write those methods), and
+``inspect.signature`` of a record shows ``(*args, **kwargs)``; mypy sees the real one.
 """
 
 from __future__ import annotations
