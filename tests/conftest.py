@@ -309,6 +309,14 @@ def proxy(vault: Vault) -> Iterator[FaultProxy]:
         running.stop()
 
 
+@pytest.fixture
+async def proxied_admin(vault: Vault, proxy: FaultProxy) -> AsyncIterator[VaultClient]:
+    """A root-token client whose requests go through this test's fault proxy."""
+    client = VaultClient(VaultSettings.local(proxy.url, vault.server.token))
+    yield client
+    await client.aclose()
+
+
 async def claim_metadata(admin: VaultClient, tenant: str, execution_id: str) -> dict[str, str]:
     return (
         await KV(admin, "stigmer").read_metadata(f"execution-claims/{tenant}/{execution_id}")

@@ -22,7 +22,6 @@ from typing import Any
 import pytest
 
 from bench.common import cpu_seconds
-from broker.config import VaultSettings
 from broker.errors import BrokerClientError, NotFound, OutcomeUnknown
 from broker.vault import KV, VaultClient, create_child_token, transport
 from broker.vault.retry import Safety
@@ -289,28 +288,25 @@ async def test_a_lost_login_answer_is_reported_not_retried(
 
 
 async def test_a_token_is_minted_on_a_connection_just_used_or_a_new_one_and_never_twice(
-    vault: Vault, proxy: FaultProxy
+    proxied_admin: VaultClient, proxy: FaultProxy
 ) -> None:
     """A child token's creation may ride a keep-alive connection used less than a second ago
     (no server closes it for idleness), saving a TCP connect per execution; an older one is
     not used. Either way a lost answer is reported, never re-sent as if the connection had
     been stale."""
-    client = VaultClient(VaultSettings.local(proxy.url, vault.server.token))
+    client = proxied_admin
     body = {"policies": ["default"], "ttl": "1m"}
-    try:
-        await client.get("auth/token/lookup-self")
-        await create_child_token(client, 60, "t", {}, ["default"])
-        assert proxy.connections == 1  # the lookup's connection, reused
-        await asyncio.sleep(transport.RECENT + 0.2)
-        await create_child_token(client, 60, "t", {}, ["default"])
-        assert proxy.connections == 2  # too old for a mint: a new one
-        await client.get("auth/token/lookup-self")  # recent again
-        proxy.add(Rule("drop", match="/auth/token/create", times=1))
-        with pytest.raises(OutcomeUnknown):
-            await client.post("auth/token/create", body, safety=Safety.MINTS_TOKEN)
-        assert len(proxy.requests("/auth/token/create")) == 3  # sent once, not re-sent
-    finally:
-        await client.aclose()
+    await client.get("auth/token/lookup-self")
+    await create_child_token(client, 60, "t", {}, ["default"])
+    assert proxy.connections == 1  # the lookup's connection, reused
+    await asyncio.sleep(transport.RECENT + 0.2)
+    await create_child_token(client, 60, "t", {}, ["default"])
+    assert proxy.connections == 2  # too old for a mint: a new one
+    await client.get("auth/token/lookup-self")  # recent again
+    proxy.add(Rule("drop", match="/auth/token/create", times=1))
+    with pytest.raises(OutcomeUnknown):
+        await client.post("auth/token/create", body, safety=Safety.MINTS_TOKEN)
+    assert len(proxy.requests("/auth/token/create")) == 3  # sent once, not re-sent
 
 
 async def test_run_finishes_its_cleanup_after_an_outage(
