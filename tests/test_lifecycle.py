@@ -111,6 +111,9 @@ async def test_revoking_a_lease_that_is_gone_already_is_not_an_error(
     with pytest.raises(VaultError):
         await revoke_accessor(proxied_admin, alive)  # 400, but the lease is still there
     assert await lookup_accessor(admin, alive) is not None
+    proxy.clear()
+    assert await revoke_accessor(proxied_admin, alive) is True  # and so it ends
+    assert await lookup_accessor(admin, alive) is None
 
 
 async def test_a_never_run_context_is_destroyed_by_one_reaper_pass(
