@@ -173,6 +173,8 @@ async def test_killed_run_and_sidecar_are_ended_by_the_reaper(
     await wait_until(marker.exists, 30, "the run's command")
     accessors = [(await claim_metadata(admin, tenant, e))["lease_accessor"]
                  for e in ["run-killed", *(f"sc-killed-{n}" for n in range(5))]]  # fmt: skip
+    login = next(e["accessor"] for e in sidecar.events() if e["msg"] == "logged in")
+    assert login not in accessors  # the sidecar's login wrote its claims, each lease holds one
     kill_group(process)
     sidecar.process.send_signal(signal.SIGKILL)
     sidecar.process.wait(30)
@@ -182,6 +184,8 @@ async def test_killed_run_and_sidecar_are_ended_by_the_reaper(
     report = reap(vault, tmp_path, tenant)
     assert report["claims_released"] == 6 and report["leases_revoked"] >= 1
     assert not [a for a in accessors if await accessor_alive(admin, a)]
+    assert await accessor_alive(admin, login)  # the reaper revokes leases, never the login
+    await admin.post("auth/token/revoke-accessor", {"accessor": login})
     assert await context_paths(admin, vault, tenant) == [] and await claims(admin, tenant) == []
     fresh = await start_sidecar(vault, tenant, tmp_path, shm, name="k")  # same output root
     assert list(fresh.out.iterdir()) == []

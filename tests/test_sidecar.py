@@ -24,6 +24,7 @@ from tests.conftest import (
     Sidecar,
     Vault,
     accessor_alive,
+    claim_metadata,
     context_paths,
     runner_role_like,
     start_sidecar,
@@ -57,8 +58,8 @@ async def issue(
 
 
 async def lease_accessor(admin: VaultClient, tenant: str, execution_id: str) -> str:
-    claim = (await KV(admin, "stigmer").read(f"execution-claims/{tenant}/{execution_id}")).data
-    return str(claim["lease_accessor"])
+    """The execution's lease, as its claim's metadata records it for the reaper."""
+    return (await claim_metadata(admin, tenant, execution_id))["lease_accessor"]
 
 
 async def test_prepare_resolve_end(
@@ -77,7 +78,14 @@ async def test_prepare_resolve_end(
     assert again == prepared
     claim = (await KV(admin, "stigmer").read(f"execution-claims/{tenant}/sc-1")).data
     assert claim["pod"] == "pod-a" and claim["mode"] == "sidecar"
-    accessor = claim["lease_accessor"]
+    # The login wrote the claim while the context was read; the lease recorded itself in the
+    # claim's metadata, which is what the reaper reads and may revoke.
+    login = next(e["accessor"] for e in sidecar.events() if e["msg"] == "logged in")
+    assert claim["lease_accessor"] == login
+    holder = await claim_metadata(admin, tenant, "sc-1")
+    assert holder["pod"] == "pod-a" and holder["mode"] == "sidecar"
+    accessor = holder["lease_accessor"]
+    assert accessor != login
     lease = (await admin.post("auth/token/lookup-accessor", {"accessor": accessor}))["data"]
     assert lease["meta"] == {"execution_id": "sc-1", "tenant": tenant, "pod": "pod-a"}
     assert lease["policies"] == ["stigmer-runner"]

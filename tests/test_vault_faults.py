@@ -394,6 +394,20 @@ async def claim_record(admin: VaultClient, tenant: str, execution_id: str) -> di
     return (await KV(admin, "stigmer").read(f"execution-claims/{tenant}/{execution_id}")).data
 
 
+async def _given_back(sidecar: Sidecar, execution_id: str) -> dict[str, object]:
+    """The sidecar's "failed preparation given back" line for ``execution_id``."""
+    deadline = time.monotonic() + 10
+    while True:
+        for event in sidecar.events():
+            if (event["msg"], event.get("execution_id")) == (
+                "failed preparation given back",
+                execution_id,
+            ):
+                return event
+        assert time.monotonic() < deadline, "the failed preparation was never given back"
+        await asyncio.sleep(0.05)
+
+
 async def test_a_claim_left_half_written_by_the_sidecar_is_given_back(
     vault: Vault, admin: VaultClient, tenant: str, tmp_path: Path, shm: Path, proxy: FaultProxy
 ) -> None:
@@ -410,13 +424,19 @@ async def test_a_claim_left_half_written_by_the_sidecar_is_given_back(
             await asyncio.to_thread(sidecar.client.prepare, "half-1")
         assert failed.value.status == 503, failed.value
         assert time.monotonic() < window - 4  # the caller is told at once, not after a cleanup
-        first = (await claim_record(admin, tenant, "half-1"))["lease_accessor"]
+        login = next(e["accessor"] for e in sidecar.events() if e["msg"] == "logged in")
+        # Half written: the login's claim stands, with no holder in its metadata.
+        assert (await claim_record(admin, tenant, "half-1"))["lease_accessor"] == login
+        assert "lease_accessor" not in await claim_metadata(admin, tenant, "half-1")
         await asyncio.sleep(max(0.0, window - time.monotonic()))
         prepared = await asyncio.to_thread(sidecar.client.prepare, "half-1")
         assert CANARY in prepared.env_file.read_text()
         second = (await claim_metadata(admin, tenant, "half-1"))["lease_accessor"]
-        assert second != first
+        given_back = await _given_back(sidecar, "half-1")
+        first = given_back["lease_accessor"]
+        assert given_back["claim_accessor"] == login and first not in ("", second, login)
         await wait_until_async(lambda: _dead(admin, first), 10, "the first lease revoked")
+        assert await accessor_alive(admin, login)  # the login goes on: it was never the lease
         await asyncio.to_thread(sidecar.client.end, "half-1")
         assert await claims(admin, tenant) == []
     finally:

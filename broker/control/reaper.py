@@ -19,10 +19,9 @@ from typing import Any
 from broker import logs, names
 from broker.config import Layout
 from broker.errors import NotFound, VaultError
+from broker.execution.claims import UNRECORDED as UNRECORDED_CLAIM
 from broker.records import field, record
 from broker.vault import KV, Metadata, VaultClient, lookup_accessor, revoke_accessor
-
-UNRECORDED_CLAIM = timedelta(seconds=60)  # a claim this old without a lease accessor is dead
 
 
 @record

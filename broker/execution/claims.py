@@ -2,14 +2,17 @@
 
 A claim is a KV entry at ``execution-claims/<tenant>/<id>``:
 
-1. its data is written with check-and-set 0 by the execution's lease (the runner policy grants
-   ``create`` only, so an existing claim is never overwritten): whoever writes it holds the
-   execution;
-2. the holder then records itself in the claim's *custom metadata* — pod, mode, lease accessor,
-   when, and the context's expiry — with ``delete_version_after`` set past that expiry. A reaper
-   reads metadata only (never a value) and can revoke the lease of a holder that died.
+1. its data is written with check-and-set 0 (the runner policy grants ``create`` only, so an
+   existing claim is never overwritten): whoever writes it holds the execution. The process's
+   login writes it while the context is read, so the data names the login's accessor; a token
+   given without its accessor (``run --auth token``) has its lease write it once the context
+   is read;
+2. the holder then records itself in the claim's *custom metadata* — pod, mode, the
+   execution's lease accessor, when, and the context's expiry — with ``delete_version_after``
+   set past that expiry. A reaper reads metadata only (never a value) and can revoke the lease
+   of a holder that died: the lease, never the login that parents every execution of a pod.
 
-A write whose answer was lost is retried; if the retry finds a claim naming its own lease, the
+A write whose answer was lost is retried; if the retry finds a claim naming its own writer, the
 first write got through and the claim is ours (runners may read claims: they hold no secret).
 
 A loser is told who holds the execution, since when, and whether that holder's lease is still
@@ -24,23 +27,27 @@ from __future__ import annotations
 
 import contextlib
 import math
-from datetime import datetime
+import secrets
+from datetime import datetime, timedelta
 
 from broker import logs
 from broker.config import Layout
 from broker.errors import ClaimConflict, Conflict, NotFound, PermissionDenied, VaultError
-from broker.records import record
+from broker.records import field, record
 from broker.vault import KV, VaultClient, lookup_accessor
 
 GRACE = 60  # seconds a claim outlives its context in KV before KV deletes it itself
+UNRECORDED = timedelta(seconds=60)  # a claim this old without a holder in its metadata is dead
 
 
 @record(frozen=True)
 class Claimant:
     pod: str
     mode: str  # "run" or "sidecar"
-    lease_accessor: str
+    lease_accessor: str  # the token that writes the claim (data) or holds it (metadata)
     abandoned: frozenset[str] = frozenset()  # accessors of leases this process gave up
+    # One preparation's: a login writes the claims of many, one after another.
+    attempt: str = field(default_factory=lambda: secrets.token_hex(8))
 
 
 @record(frozen=True)
@@ -121,24 +128,27 @@ async def attribute(
     kv, path = KV(lease, layout.kv_mount), layout.claim_path(tenant, execution_id)
     remaining = (expires_at - now).total_seconds() if expires_at else 3600.0
     custom = {**_record(claimant, now), "expires_at": expires_at.isoformat() if expires_at else ""}
+    custom = {key: value for key, value in custom.items() if value}  # KV refuses empty values
     after = f"{math.ceil(remaining) + GRACE}s"
     # If this fails the caller gives the claim back (release_if_ours), retrying as it must.
     await kv.write_metadata(path, max_versions=1, custom=custom, delete_version_after=after)
 
 
 def _record(claimant: Claimant, now: datetime) -> dict[str, str]:
-    return {"pod": claimant.pod, "mode": claimant.mode,
-            "lease_accessor": claimant.lease_accessor, "claimed_at": now.isoformat()}  # fmt: skip
+    return {"pod": claimant.pod, "mode": claimant.mode, "lease_accessor": claimant.lease_accessor,
+            "attempt": claimant.attempt, "claimed_at": now.isoformat()}  # fmt: skip
 
 
 async def _ours(kv: KV, path: str, claimant: Claimant) -> bool:
-    """Does the claim at ``path`` name ``claimant``'s lease (no secret in it: pod, accessor)?"""
+    """Was the claim at ``path`` written by ``claimant``: its token, in this preparation (no
+    secret in it: pod, accessor)?"""
     try:
-        document = await kv.read(path)
+        data = (await kv.read(path)).data
     except (NotFound, PermissionDenied):
         return False
     return bool(claimant.lease_accessor) and (
-        document.data.get("lease_accessor") == claimant.lease_accessor
+        data.get("lease_accessor") == claimant.lease_accessor
+        and data.get("attempt") == claimant.attempt
     )
 
 
@@ -162,12 +172,12 @@ def _refused(execution_id: str, claimant: Claimant, current: Holder | None) -> N
 
 
 async def release_if_ours(
-    client: VaultClient, layout: Layout, tenant: str, execution_id: str, accessor: str
+    client: VaultClient, layout: Layout, tenant: str, execution_id: str, claimant: Claimant
 ) -> None:
-    """Destroy the claim if the lease ``accessor`` wrote it (a preparation that failed after,
-    or perhaps during, its claim); someone else's claim is left alone."""
+    """Destroy the claim if ``claimant`` wrote it (a preparation that failed after, or perhaps
+    during, its claim); someone else's claim, or a later preparation's, is left alone."""
     kv, path = KV(client, layout.kv_mount), layout.claim_path(tenant, execution_id)
-    if await _ours(kv, path, Claimant("", "", accessor)):
+    if await _ours(kv, path, claimant):
         await kv.destroy(path)
 
 

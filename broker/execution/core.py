@@ -1,10 +1,10 @@
 """Prepare one execution and end it, the same way for every front end.
 
-prepare: read the context (login token) → lease (``LeaseMode``) → claim → decrypt (one batch)
-→ resolve → render; when the login is the lease (``run``), the claim goes with the read. No
-file is written before decryption and resolution succeeded; whatever was acquired is given
-back if anything fails or the caller is cancelled, and the context is kept so the execution
-can be retried.
+prepare: (read the context ‖ the login writes the claim) → lease (``LeaseMode``) → (decrypt,
+one batch ‖ the lease records itself in the claim's metadata) → resolve → render; a token given
+without its accessor claims with its lease, after the read. No file is written before
+decryption and resolution succeeded; whatever was acquired is given back if anything fails or
+the caller is cancelled, and the context is kept so the execution can be retried.
 
 end: wipe the files → drop the plaintext (memory, log redactor) → destroy the context →
 release the claim → revoke the lease. Every step is attempted; when the lease is already gone
@@ -19,6 +19,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from contextlib import nullcontext
+from dataclasses import replace
 from datetime import UTC, datetime
 from enum import Enum
 from typing import Any
@@ -55,19 +56,6 @@ STRIPPED_FROM_CHILD = ("VAULT_", "BAO_", "STIGMER_DEV_IDENTITY_KEY")
 FIRST_CLEANUP_DEADLINE = 5.0  # seconds for the first try at the Vault steps of an end
 
 
-@record
-class _GiveBack:
-    """What a failed preparation still has to give back."""
-
-    claim: bool
-    child: bool  # revoke the child lease
-    login: bool  # LeaseMode.LOGIN: revoke the login that was the lease
-
-    @property
-    def pending(self) -> list[str]:
-        return [name for name in ("claim", "child", "login") if getattr(self, name)]
-
-
 class LeaseMode(Enum):
     LOGIN = "login"  # the login is the execution's lease (run: one execution per login)
     CHILD = "child"  # a child token per execution (sidecar; run with a given token)
@@ -92,6 +80,26 @@ class Lease:
     held: HeldToken  # the login it depends on (LeaseMode.LOGIN: the lease itself)
     login: Login
     client: VaultClient
+
+
+@record(eq=False)
+class _GiveBack:
+    """What a failed preparation still has to give back."""
+
+    execution_id: str
+    lease: Lease | None  # None: it failed before its lease existed
+    claim_by: tuple[VaultClient, claims.Claimant] | None  # who releases it; who wrote it
+    claim: bool  # release the claim
+    child: bool  # revoke the child lease
+    login: bool  # LeaseMode.LOGIN: revoke the login that was the lease
+
+    @property
+    def claim_accessor(self) -> str:
+        return self.claim_by[1].lease_accessor if self.claim_by else ""
+
+    @property
+    def pending(self) -> list[str]:
+        return [name for name in ("claim", "child", "login") if getattr(self, name)]
 
 
 @record(eq=False)
@@ -148,7 +156,7 @@ class ExecutionCore:
             reading = contexts.read(
                 kv, path, execution_id, self.settings.tenant, self.settings.context_limits
             )
-            if self.settings.lease_mode is LeaseMode.LOGIN:
+            if held.accessor:  # a login of ours (not a token given without its accessor)
                 return await self._claim_while_reading(reading, execution_id, reader_uid)
             context = await reading
             lease = await self._lease(context)
@@ -160,15 +168,19 @@ class ExecutionCore:
         execution_id: str,
         reader_uid: int | None,
     ) -> Execution:
-        """LeaseMode.LOGIN: the lease is the login, known before the context is, so the claim
-        is written while the context is read (one round trip less for ``run``). A context that
-        cannot be delivered gives the claim back; one living about as long as the login can
-        (``--login-max-ttl``) gives it back too and takes the sequential way, with a fresh
-        login."""
+        """The login writes the claim while the context is read (one round trip less): the
+        claim's data names the login, its metadata the lease once there is one.
+
+        LeaseMode.LOGIN: the login is the lease. A context that cannot be delivered gives the
+        claim back; one living about as long as the login can (``--login-max-ttl``) gives it
+        back too and takes the sequential way, with a fresh login. LeaseMode.CHILD: the
+        child lease is created once the context's lifetime is known."""
         held = await self.keeper.token_for(0)
-        lease = Lease(held, held.login, held.client)
-        claimant, now = self._claimant(lease), datetime.now(UTC)
-        taking = claims.take(lease.client, self._layout, self.settings.tenant, execution_id,
+        writer = Lease(held, held.login, held.client)
+        login_is_lease = self.settings.lease_mode is LeaseMode.LOGIN
+        lease = writer if login_is_lease else None
+        claimant, now = self._claimant(writer), datetime.now(UTC)
+        taking = claims.take(held.client, self._layout, self.settings.tenant, execution_id,
                              claimant, now)  # fmt: skip
         claimed = True  # until the claim answers: perhaps ours
         try:
@@ -179,14 +191,22 @@ class ExecutionCore:
             remaining = self._remaining(context)
             if isinstance(took, BaseException):
                 raise took
+            if not login_is_lease:
+                lease = await self._lease(context)
+                holder = replace(claimant, lease_accessor=lease.login.accessor)
+                return await self._decrypt_and_deliver(context, lease, holder, now, reader_uid)
             if self.keeper.covers(held, remaining + self._slack):
-                return await self._decrypt_and_deliver(context, lease, claimant, now, reader_uid)
-            await claims.release_if_ours(lease.client, self._layout, self.settings.tenant,
-                                         execution_id, claimant.lease_accessor)  # fmt: skip
+                return await self._decrypt_and_deliver(context, writer, claimant, now, reader_uid)
+            await claims.release_if_ours(held.client, self._layout, self.settings.tenant,
+                                         execution_id, claimant)  # fmt: skip
             claimed = False
         except BaseException:
-            await asyncio.shield(self._give_back(lease, execution_id, claimed))
+            claim = ((lease or writer).client, claimant) if claimed else None
+            await asyncio.shield(self._give_back(execution_id, lease, claim))
             raise
+        finally:
+            if not login_is_lease:
+                await self.keeper.detach(held)  # the claim's writer: the lease has its own
         await self.keeper.detach(held)
         return await self._claim_and_deliver(context, await self._lease(context), reader_uid)
 
@@ -246,7 +266,8 @@ class ExecutionCore:
             return await self._decrypt_and_deliver(context, lease, claimant, now, reader_uid)
         except BaseException as exc:
             claimed = not isinstance(exc, ClaimConflict)  # perhaps ours, perhaps half-done
-            await asyncio.shield(self._give_back(lease, context.execution_id, claimed))
+            claim = (lease.client, claimant) if claimed else None
+            await asyncio.shield(self._give_back(context.execution_id, lease, claim))
             raise
 
     async def _decrypt_and_deliver(
@@ -325,57 +346,72 @@ class ExecutionCore:
             raise
         return directory
 
-    async def _give_back(self, lease: Lease, execution_id: str, claimed: bool) -> None:
-        """A preparation failed: its claim (if it wrote one) and its lease go. One request each
-        now, in a context of its own (the preparation's deadline may be spent), so the caller
-        hears of the failure at once; what Vault could not do is retried in the background
-        until done or until the lease would have expired anyway."""
-        self._abandoned.add(lease.login.accessor)
+    async def _give_back(
+        self,
+        execution_id: str,
+        lease: Lease | None,
+        claim: tuple[VaultClient, claims.Claimant] | None,
+    ) -> None:
+        """A preparation failed: its claim (``claim``: who can release it, and who wrote it)
+        and its lease go. One request each now, in a context of its own (the
+        preparation's deadline may be spent), so the caller hears of the failure at once;
+        what Vault could not do is retried in the background until done or until the lease
+        would have expired anyway."""
+        writers = (lease.login.accessor if lease else "", claim[1].lease_accessor if claim else "")
+        given_up = {accessor for accessor in writers if accessor}
+        self._abandoned.update(given_up)
         login_is_lease = self.settings.lease_mode is LeaseMode.LOGIN
-        steps = _GiveBack(claimed, child=not login_is_lease, login=login_is_lease)
-        attempt = asyncio.create_task(self._give_back_steps(lease, execution_id, steps, once=True),
+        steps = _GiveBack(execution_id, lease, claim, claim is not None,
+                          child=bool(lease and not login_is_lease),
+                          login=bool(lease and login_is_lease))  # fmt: skip
+        attempt = asyncio.create_task(self._give_back_steps(steps, given_up, once=True),
                                       context=contextvars.Context())  # fmt: skip
         await attempt
-        await self.keeper.detach(lease.held)
+        if lease is not None:
+            await self.keeper.detach(lease.held)
         if steps.pending:
-            retry = asyncio.create_task(self._give_back_later(lease, execution_id, steps),
+            retry = asyncio.create_task(self._give_back_later(steps, given_up),
                                         context=contextvars.Context())  # fmt: skip
             self._leftovers.add(retry)
             retry.add_done_callback(self._leftovers.discard)
 
     async def _give_back_steps(
-        self, lease: Lease, execution_id: str, steps: _GiveBack, *, once: bool = False
+        self, steps: _GiveBack, given_up: set[str], *, once: bool = False
     ) -> None:
         with deadline(FIRST_CLEANUP_DEADLINE), single_attempt() if once else nullcontext():
-            if steps.claim:
+            if steps.claim and steps.claim_by:
+                client, writer = steps.claim_by
                 steps.claim = not await self._vault_step(
-                    claims.release_if_ours(lease.client, self._layout, self.settings.tenant,
-                                           execution_id, lease.login.accessor),
-                    "claim release failed", execution_id,
+                    claims.release_if_ours(client, self._layout, self.settings.tenant,
+                                           steps.execution_id, writer),
+                    "claim release failed", steps.execution_id,
                 )  # fmt: skip
             if steps.claim:
-                return  # only the lease may release it: the lease stays until it has
-            self._abandoned.discard(lease.login.accessor)  # no claim of it left to take over
-            if steps.child:
+                return  # the lease stays until its claim is released
+            self._abandoned.difference_update(given_up)  # no claim of it left to take over
+            if steps.child and steps.lease:
                 steps.child = not await self._vault_step(
-                    revoke_self(lease.client), "lease revoke failed", execution_id
+                    revoke_self(steps.lease.client), "lease revoke failed", steps.execution_id
                 )
-            if steps.login:
-                steps.login = not await self.keeper.revoke(lease.held)
+            if steps.login and steps.lease:
+                steps.login = not await self.keeper.revoke(steps.lease.held)
 
-    async def _give_back_later(self, lease: Lease, execution_id: str, steps: _GiveBack) -> None:
-        until = time.monotonic() + max(lease.login.ttl, FIRST_CLEANUP_DEADLINE)
+    async def _give_back_later(self, steps: _GiveBack, given_up: set[str]) -> None:
+        lifetime = steps.lease.login.ttl if steps.lease else claims.UNRECORDED.total_seconds()
+        until = time.monotonic() + max(lifetime, FIRST_CLEANUP_DEADLINE)
         try:
             await self._until_done(
                 lambda: bool(steps.pending),
-                lambda: self._give_back_steps(lease, execution_id, steps),
+                lambda: self._give_back_steps(steps, given_up),
                 until,
             )
         finally:
             done = not steps.pending
             logs.event("failed preparation given back" if done else "give-back abandoned",
-                       level=20 if done else 30, execution_id=execution_id,
-                       pending=steps.pending, lease_accessor=lease.login.accessor)  # fmt: skip
+                       level=20 if done else 30, execution_id=steps.execution_id,
+                       pending=steps.pending,
+                       lease_accessor=steps.lease.login.accessor if steps.lease else "",
+                       claim_accessor=steps.claim_accessor)  # fmt: skip
 
     async def _vault_step(
         self, step: Coroutine[Any, Any, object], what: str, execution_id: str
