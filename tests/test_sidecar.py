@@ -25,6 +25,7 @@ from tests.conftest import (
     Vault,
     accessor_alive,
     claim_metadata,
+    claims,
     context_paths,
     runner_role_like,
     start_sidecar,
@@ -114,6 +115,12 @@ async def test_errors_have_statuses(
     with pytest.raises(BrokerClientError) as missing:
         sidecar.client.prepare("never-issued")
     assert missing.value.status == 404 and "no context" in str(missing.value)
+    # The login wrote a claim while it read: given back before the answer, so nothing is left
+    # and the execution can be prepared once it is issued.
+    assert await claims(admin, tenant) == []
+    await issue(admin, vault, tenant, "never-issued")
+    assert sidecar.client.prepare("never-issued").state == "active"
+    sidecar.client.end("never-issued")
     with pytest.raises(BrokerClientError) as bad:
         sidecar.client.prepare("bad..id")
     assert bad.value.status == 400
