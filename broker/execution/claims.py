@@ -19,8 +19,9 @@ A loser is told who holds the execution, since when, and whether that holder's l
 alive (from the metadata, or from the claim's own record when a failure came between the two
 writes). A claim whose lease is provably dead (its accessor no longer resolves) is freed by the
 reaper; the same pod may take its own dead claim over at once (a restarted sidecar resumes),
-and a process may take over a claim left by a lease it gave up itself (``Claimant.abandoned``:
-a preparation that failed while Vault was losing its leader); any other claimant waits.
+and a process may take over a claim it wrote or held in a preparation it gave up itself
+(``Claimant.abandoned``, the accessors of that login or lease: a preparation that failed while
+Vault was losing its leader); any other claimant waits.
 """
 
 from __future__ import annotations
