@@ -94,8 +94,17 @@ class _GiveBack:
     login: bool  # LeaseMode.LOGIN: revoke the login that was the lease
 
     @property
+    def lease_accessor(self) -> str:
+        return self.lease.login.accessor if self.lease else ""
+
+    @property
     def claim_accessor(self) -> str:
         return self.claim_by[1].lease_accessor if self.claim_by else ""
+
+    @property
+    def given_up(self) -> set[str]:
+        """The accessors a claim left behind may name: takeovers allowed until released."""
+        return {accessor for accessor in (self.lease_accessor, self.claim_accessor) if accessor}
 
     @property
     def pending(self) -> list[str]:
@@ -357,27 +366,23 @@ class ExecutionCore:
         preparation's deadline may be spent), so the caller hears of the failure at once;
         what Vault could not do is retried in the background until done or until the lease
         would have expired anyway."""
-        writers = (lease.login.accessor if lease else "", claim[1].lease_accessor if claim else "")
-        given_up = {accessor for accessor in writers if accessor}
-        self._abandoned.update(given_up)
         login_is_lease = self.settings.lease_mode is LeaseMode.LOGIN
         steps = _GiveBack(execution_id, lease, claim, claim is not None,
                           child=bool(lease and not login_is_lease),
                           login=bool(lease and login_is_lease))  # fmt: skip
-        attempt = asyncio.create_task(self._give_back_steps(steps, given_up, once=True),
+        self._abandoned.update(steps.given_up)
+        attempt = asyncio.create_task(self._give_back_steps(steps, once=True),
                                       context=contextvars.Context())  # fmt: skip
         await attempt
         if lease is not None:
             await self.keeper.detach(lease.held)
         if steps.pending:
-            retry = asyncio.create_task(self._give_back_later(steps, given_up),
+            retry = asyncio.create_task(self._give_back_later(steps),
                                         context=contextvars.Context())  # fmt: skip
             self._leftovers.add(retry)
             retry.add_done_callback(self._leftovers.discard)
 
-    async def _give_back_steps(
-        self, steps: _GiveBack, given_up: set[str], *, once: bool = False
-    ) -> None:
+    async def _give_back_steps(self, steps: _GiveBack, *, once: bool = False) -> None:
         with deadline(FIRST_CLEANUP_DEADLINE), single_attempt() if once else nullcontext():
             if steps.claim and steps.claim_by:
                 client, writer = steps.claim_by
@@ -388,7 +393,7 @@ class ExecutionCore:
                 )  # fmt: skip
             if steps.claim:
                 return  # the lease stays until its claim is released
-            self._abandoned.difference_update(given_up)  # no claim of it left to take over
+            self._abandoned.difference_update(steps.given_up)  # no claim left to take over
             if steps.child and steps.lease:
                 steps.child = not await self._vault_step(
                     revoke_self(steps.lease.client), "lease revoke failed", steps.execution_id
@@ -396,13 +401,13 @@ class ExecutionCore:
             if steps.login and steps.lease:
                 steps.login = not await self.keeper.revoke(steps.lease.held)
 
-    async def _give_back_later(self, steps: _GiveBack, given_up: set[str]) -> None:
+    async def _give_back_later(self, steps: _GiveBack) -> None:
         lifetime = steps.lease.login.ttl if steps.lease else claims.UNRECORDED.total_seconds()
         until = time.monotonic() + max(lifetime, FIRST_CLEANUP_DEADLINE)
         try:
             await self._until_done(
                 lambda: bool(steps.pending),
-                lambda: self._give_back_steps(steps, given_up),
+                lambda: self._give_back_steps(steps),
                 until,
             )
         finally:
@@ -410,7 +415,7 @@ class ExecutionCore:
             logs.event("failed preparation given back" if done else "give-back abandoned",
                        level=20 if done else 30, execution_id=steps.execution_id,
                        pending=steps.pending,
-                       lease_accessor=steps.lease.login.accessor if steps.lease else "",
+                       lease_accessor=steps.lease_accessor,
                        claim_accessor=steps.claim_accessor)  # fmt: skip
 
     async def _vault_step(
