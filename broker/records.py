@@ -114,7 +114,7 @@ def _init(cls: type, found: tuple[Field[Any], ...]) -> Callable[..., None]:
             for f in fields[len(args) :]:
                 if f.name in kwargs:
                     setter(self, f.name, kwargs.pop(f.name))
-                elif f.default is not MISSING or f.default_factory is not MISSING:
+                elif _has_default(f):
                     setter(self, f.name, _default(f))
                 else:
                     missing.append(repr(f.name))
@@ -129,10 +129,14 @@ def _init(cls: type, found: tuple[Field[Any], ...]) -> Callable[..., None]:
             if missing:
                 raise TypeError(f"{where} missing required argument(s): {', '.join(missing)}")
         for f in later:
-            if f.default is not MISSING or f.default_factory is not MISSING:
+            if _has_default(f):
                 setter(self, f.name, _default(f))
 
     return __init__
+
+
+def _has_default(f: Field[Any]) -> bool:
+    return f.default is not MISSING or f.default_factory is not MISSING
 
 
 def _default(f: Field[Any]) -> Any:
