@@ -1,9 +1,11 @@
-"""Running independent awaitables at once without losing the error a caller branches on."""
+"""Running independent awaitables at once without losing the error a caller branches on, and
+keeping dependent ones on the same key apart."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Iterable
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Iterable
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -38,3 +40,27 @@ async def both(first: Awaitable[A], second: Awaitable[B]) -> tuple[A, B]:
     """:func:`together` for two awaitables of different types."""
     results: list[object] = await together([first, second])
     return results[0], results[1]  # type: ignore[return-value]
+
+
+class KeyedLocks:
+    """One :class:`asyncio.Lock` per key, kept only while someone holds or waits for it (the
+    keys are execution ids: unbounded over a process's life)."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._users: dict[str, int] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[None]:
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        self._users[key] = self._users.get(key, 0) + 1
+        try:
+            async with lock:
+                yield
+        finally:
+            self._users[key] -= 1
+            if not self._users[key]:
+                del self._users[key], self._locks[key]
+
+    def __len__(self) -> int:
+        return len(self._locks)

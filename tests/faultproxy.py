@@ -1,6 +1,6 @@
 """A fault proxy for the tests: a small HTTP proxy in front of the real Vault that misbehaves.
 
-Per request (a path substring, a number of times) or per time window it can: pass; delay;
+Per request (a path substring, perhaps a method, a number of times) or per time window it can: pass; delay;
 accept and hang; trickle the response; reset mid-response; answer 503 sealed; 429 with or
 without ``Retry-After``; 500; 400 "invalid request"; drop the response after the server processed the request; refuse
 connections. It records every request with a timestamp, so tests can assert on backoff, rates
@@ -31,13 +31,14 @@ class Rule:
     seconds: float = 0.0  # delay, or the pause between trickled bytes
     retry_after: str | None = None
     until: float | None = None  # monotonic end of the rule's time window
+    method: str = ""  # "GET", "POST", "DELETE"...; "" matches every method
 
-    def applies(self, path: str, now: float) -> bool:
+    def applies(self, method: str, path: str, now: float) -> bool:
         if self.times is not None and self.times <= 0:
             return False
         if self.until is not None and now >= self.until:
             return False
-        return self.match in path
+        return self.match in path and self.method in ("", method)
 
 
 @dataclass(frozen=True)
@@ -124,11 +125,11 @@ class FaultProxy:
         with self._lock:
             return [s for s in self.seen if match in s.path and s.at >= since]
 
-    def _choose(self, path: str) -> str:
+    def _choose(self, method: str, path: str) -> str:
         now = time.monotonic()
         with self._lock:
             for rule in self.rules:
-                if rule.applies(path, now):
+                if rule.applies(method, path, now):
                     if rule.times is not None:
                         rule.times -= 1
                     self._current = rule
@@ -161,7 +162,7 @@ class FaultProxy:
                 if request is None:
                     return
                 method, target, headers, body = request
-                action = self._choose(target)
+                action = self._choose(method, target)
                 rule = self._current
                 with self._lock:
                     self.seen.append(Seen(time.monotonic(), method, target, action))

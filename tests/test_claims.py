@@ -3,6 +3,7 @@ a claim is "ours" only for the preparation (attempt) that wrote it."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
 
 import pytest
@@ -11,6 +12,7 @@ from broker.errors import ClaimConflict
 from broker.execution import claims
 from broker.vault import KV, VaultClient, lookup_self
 from tests.conftest import Vault
+from tests.faultproxy import FaultProxy, Rule
 
 
 async def _claim_data(admin: VaultClient, tenant: str, execution_id: str) -> dict[str, object]:
@@ -82,3 +84,26 @@ async def test_the_holder_is_the_lease_in_the_metadata_not_the_login_in_the_data
     assert dead is not None and dead.lease_alive is False
     await claims.release_if_ours(admin, vault.layout, tenant, "c-3", writer)
     assert await claims.holder(kv, path, admin) is None
+
+
+async def test_a_claim_released_after_refusing_a_write_is_written_again(
+    vault: Vault, admin: VaultClient, proxied_admin: VaultClient, proxy: FaultProxy, tenant: str
+) -> None:
+    """The write is refused because a claim stands; by the time the claimant reads who holds it
+    (held back 1 s), its holder has released it (the reaper, a give-back). The claimant writes
+    again and holds the execution: no conflict with a holder that is no longer there."""
+    login = await _accessor(admin)
+    other = claims.Claimant("pod-b", "sidecar", login)
+    await claims.take(admin, vault.layout, tenant, "c-4", other, datetime.now(UTC))
+    path = f"/metadata/execution-claims/{tenant}/c-4"
+    held_back = proxy.add(Rule("delay", match=path, method="GET", times=1, seconds=1.0))
+    claimant = claims.Claimant("pod-a", "sidecar", login)
+    taking = asyncio.create_task(
+        claims.take(proxied_admin, vault.layout, tenant, "c-4", claimant, datetime.now(UTC))
+    )
+    while held_back.times and not taking.done():
+        await asyncio.sleep(0.01)
+    await claims.release_if_ours(admin, vault.layout, tenant, "c-4", other)
+    await taking
+    assert (await _claim_data(admin, tenant, "c-4"))["attempt"] == claimant.attempt
+    await claims.release_if_ours(admin, vault.layout, tenant, "c-4", claimant)

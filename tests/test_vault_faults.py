@@ -460,6 +460,101 @@ async def test_run_gives_back_a_half_written_claim_before_it_exits(
     assert CANARY not in result.stderr
 
 
+# --- a give-back still under way when the same execution is prepared again ---------------------
+
+
+async def _fail_leaving_a_claim(
+    sidecar: Sidecar, admin: VaultClient, tenant: str, proxy: FaultProxy, execution_id: str
+) -> str:
+    """A PUT that fails after its claim (Transit answers 400), whose first give-back cannot
+    destroy the claim (500): the claim stands, its release retried in the background.
+    Returns the claim's metadata path, as the proxy sees it."""
+    path = f"/metadata/execution-claims/{tenant}/{execution_id}"
+    proxy.add(Rule("invalid", match="/decrypt/", times=1))
+    refused = proxy.add(Rule("error", match=path, method="DELETE", times=1))
+    with pytest.raises(BrokerClientError):
+        await asyncio.to_thread(sidecar.client.prepare, execution_id)
+    assert refused.times == 0, "the give-back never tried to destroy the claim"
+    assert execution_id in await claims(admin, tenant)
+    return path
+
+
+async def _prepared_once(
+    sidecar: Sidecar, admin: VaultClient, tenant: str, execution_id: str
+) -> None:
+    """The second PUT gets the execution, and its claim (naming its live lease) outlives the
+    earlier give-back, which revokes the first lease; ending leaves nothing."""
+    prepared = await asyncio.to_thread(sidecar.client.prepare, execution_id)
+    assert CANARY in prepared.env_file.read_text()
+    first = str((await _given_back(sidecar, execution_id))["lease_accessor"])
+    await wait_until_async(lambda: _dead(admin, first), 10, "the first lease revoked")
+    holder = (await claim_metadata(admin, tenant, execution_id))["lease_accessor"]
+    assert holder != first and await accessor_alive(admin, holder)
+    await asyncio.to_thread(sidecar.client.end, execution_id)
+    assert await claims(admin, tenant) == []
+
+
+async def test_a_claim_released_while_a_new_prepare_is_refused_is_written_again(
+    vault: Vault, admin: VaultClient, tenant: str, tmp_path: Path, shm: Path, proxy: FaultProxy
+) -> None:
+    """The re-PUT's claim write is refused (the old claim stands); while it asks who holds the
+    claim (that answer held back 2 s), the give-back's retry is due. The re-PUT gets the
+    execution: not a 403 because the claim it was refused had gone by the time it looked."""
+    await issue_secrets(admin, vault.layout, tenant, "race-1", {"TOKEN_0": (CANARY, True)})
+    sidecar = await start_sidecar(vault, tenant, tmp_path, shm, vault_addr=proxy.url)
+    try:
+        path = await _fail_leaving_a_claim(sidecar, admin, tenant, proxy, "race-1")
+        proxy.add(Rule("delay", match=path, method="GET", times=1, seconds=2.0))
+        await _prepared_once(sidecar, admin, tenant, "race-1")
+    finally:
+        assert sidecar.stop() == 0, sidecar.log.read_text()[-2000:]
+    assert CANARY not in sidecar.log.read_text()
+
+
+async def test_a_late_release_never_destroys_the_claim_of_a_new_prepare(
+    vault: Vault, admin: VaultClient, tenant: str, tmp_path: Path, shm: Path, proxy: FaultProxy
+) -> None:
+    """The give-back's retry has found the claim its own and sent the destroy (held back 2 s)
+    when the same execution is prepared again. The re-PUT waits for that release rather than
+    taking the claim over under it, so the old release cannot destroy the new claim."""
+    await issue_secrets(admin, vault.layout, tenant, "race-2", {"TOKEN_0": (CANARY, True)})
+    sidecar = await start_sidecar(vault, tenant, tmp_path, shm, vault_addr=proxy.url)
+    try:
+        path = await _fail_leaving_a_claim(sidecar, admin, tenant, proxy, "race-2")
+        late = proxy.add(Rule("delay", match=path, method="DELETE", times=1, seconds=2.0))
+        await wait_until(lambda: late.times == 0, 10, "the give-back's retry sent its destroy")
+        await _prepared_once(sidecar, admin, tenant, "race-2")
+    finally:
+        assert sidecar.stop() == 0, sidecar.log.read_text()[-2000:]
+    assert CANARY not in sidecar.log.read_text()
+
+
+async def test_a_give_back_of_one_execution_never_ends_the_takeover_of_another(
+    vault: Vault, admin: VaultClient, tenant: str, tmp_path: Path, shm: Path, proxy: FaultProxy
+) -> None:
+    """One login writes every claim. Two preparations fail: x's claim is released soon, y's
+    (left half written: no holder in its metadata, so it names the login) stays while Vault
+    refuses its destroy. Once x is given back, a new PUT of y still takes y's claim over:
+    what this process gave up is kept per execution."""
+    for execution_id in ("gx", "gy"):
+        await issue_secrets(admin, vault.layout, tenant, execution_id, {"TOKEN_0": (CANARY, True)})
+    sidecar = await start_sidecar(vault, tenant, tmp_path, shm, vault_addr=proxy.url)
+    try:
+        await _fail_leaving_a_claim(sidecar, admin, tenant, proxy, "gx")
+        y = f"/metadata/execution-claims/{tenant}/gy"
+        proxy.add(Rule("invalid", match=y, method="POST", times=1))
+        proxy.add(Rule("error", match=y, method="DELETE", until=time.monotonic() + 5))
+        with pytest.raises(BrokerClientError):
+            await asyncio.to_thread(sidecar.client.prepare, "gy")
+        assert "lease_accessor" not in await claim_metadata(admin, tenant, "gy")
+        await _given_back(sidecar, "gx")
+        assert "gy" in await claims(admin, tenant)  # still given back
+        await _prepared_once(sidecar, admin, tenant, "gy")
+    finally:
+        assert sidecar.stop() == 0, sidecar.log.read_text()[-2000:]
+    assert CANARY not in sidecar.log.read_text()
+
+
 async def _dead(admin: VaultClient, accessor: str) -> bool:
     return not await accessor_alive(admin, accessor)
 

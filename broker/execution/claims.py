@@ -20,8 +20,10 @@ alive (from the metadata, or from the claim's own record when a failure came bet
 writes). A claim whose lease is provably dead (its accessor no longer resolves) is freed by the
 reaper; the same pod may take its own dead claim over at once (a restarted sidecar resumes),
 and a process may take over a claim it wrote or held in a preparation it gave up itself
-(``Claimant.abandoned``, the accessors of that login or lease: a preparation that failed while
-Vault was losing its leader); any other claimant waits.
+(``Claimant.abandoned``, the accessors of that login or lease: a preparation of the same id
+that failed while Vault was losing its leader); any other claimant waits. Within a process, a
+take and a give-back's release of the same id never overlap (``ExecutionCore``), so a release
+cannot destroy the claim a takeover has just written.
 """
 
 from __future__ import annotations
@@ -105,8 +107,10 @@ async def take(
                 logs.event("claim written by an earlier attempt", execution_id=execution_id)
                 break
             current = await holder(kv, path, lease)
+            if current is None and attempt == 0:
+                continue  # released since our write was refused (a give-back, the reaper)
             if current is None and isinstance(exc, PermissionDenied):
-                raise  # no claim there: a real permission problem
+                raise  # still no claim there: a real permission problem
             takeover = _own_leftover(current, claimant) if attempt == 0 and current else ""
             if takeover:
                 logs.event(takeover, execution_id=execution_id)

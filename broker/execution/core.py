@@ -25,7 +25,7 @@ from enum import Enum
 from typing import Any
 
 from broker import logs, names, tasks
-from broker.concurrency import both
+from broker.concurrency import KeyedLocks, both
 from broker.config import Layout
 from broker.errors import BrokerError, ClaimConflict, PermissionDenied, ValidationError, VaultError
 from broker.execution import claims
@@ -146,8 +146,12 @@ class ExecutionCore:
         self._layout = layout
         self.keeper = keeper
         self.settings = settings
-        # Accessors of leases given up after a failure whose claim may still stand.
-        self._abandoned: set[str] = set()
+        # Per execution id, the give-backs whose claim may still stand: a new preparation of
+        # that id may take such a claim over (it names a login or lease of theirs).
+        self._unreleased: dict[str, list[_GiveBack]] = {}
+        # A claim's take (and takeover) and a give-back's release of it, one at a time: else a
+        # release could destroy the claim a takeover had just written.
+        self._claim_locks = KeyedLocks()
         self._leftovers: set[asyncio.Task[None]] = set()  # give-backs still being retried
 
     # --- prepare ------------------------------------------------------------------------------
@@ -188,9 +192,8 @@ class ExecutionCore:
         writer = Lease(held, held.login, held.client)
         login_is_lease = self.settings.lease_mode is LeaseMode.LOGIN
         lease = writer if login_is_lease else None
-        claimant, now = self._claimant(writer), datetime.now(UTC)
-        taking = claims.take(held.client, self._layout, self.settings.tenant, execution_id,
-                             claimant, now)  # fmt: skip
+        claimant, now = self._claimant(writer, execution_id), datetime.now(UTC)
+        taking = self._take(held.client, execution_id, claimant, now)
         claimed = True  # until the claim answers: perhaps ours
         try:
             context, took = await asyncio.gather(reading, taking, return_exceptions=True)
@@ -259,19 +262,27 @@ class ExecutionCore:
             raise
         return Lease(held, login, held.client.with_token(login.token))
 
-    def _claimant(self, lease: Lease) -> claims.Claimant:
+    def _claimant(self, lease: Lease, execution_id: str) -> claims.Claimant:
         settings = self.settings
+        given_up = [steps.given_up for steps in self._unreleased.get(execution_id, ())]
         return claims.Claimant(
-            settings.pod, settings.holder, lease.login.accessor, frozenset(self._abandoned)
+            settings.pod, settings.holder, lease.login.accessor, frozenset().union(*given_up)
         )
+
+    async def _take(
+        self, writer: VaultClient, execution_id: str, claimant: claims.Claimant, now: datetime
+    ) -> None:
+        async with self._claim_locks.hold(execution_id):
+            await claims.take(
+                writer, self._layout, self.settings.tenant, execution_id, claimant, now
+            )
 
     async def _claim_and_deliver(
         self, context: contexts.StoredContext, lease: Lease, reader_uid: int | None
     ) -> Execution:
-        claimant, now = self._claimant(lease), datetime.now(UTC)
+        claimant, now = self._claimant(lease, context.execution_id), datetime.now(UTC)
         try:
-            await claims.take(lease.client, self._layout, context.tenant, context.execution_id,
-                              claimant, now)  # fmt: skip
+            await self._take(lease.client, context.execution_id, claimant, now)
             return await self._decrypt_and_deliver(context, lease, claimant, now, reader_uid)
         except BaseException as exc:
             claimed = not isinstance(exc, ClaimConflict)  # perhaps ours, perhaps half-done
@@ -370,7 +381,8 @@ class ExecutionCore:
         steps = _GiveBack(execution_id, lease, claim, claim is not None,
                           child=bool(lease and not login_is_lease),
                           login=bool(lease and login_is_lease))  # fmt: skip
-        self._abandoned.update(steps.given_up)
+        if steps.claim:
+            self._unreleased.setdefault(execution_id, []).append(steps)
         attempt = asyncio.create_task(self._give_back_steps(steps, once=True),
                                       context=contextvars.Context())  # fmt: skip
         await attempt
@@ -386,20 +398,29 @@ class ExecutionCore:
         with deadline(FIRST_CLEANUP_DEADLINE), single_attempt() if once else nullcontext():
             if steps.claim and steps.claim_by:
                 client, writer = steps.claim_by
-                steps.claim = not await self._vault_step(
-                    claims.release_if_ours(client, self._layout, self.settings.tenant,
-                                           steps.execution_id, writer),
-                    "claim release failed", steps.execution_id,
-                )  # fmt: skip
+                async with self._claim_locks.hold(steps.execution_id):
+                    steps.claim = not await self._vault_step(
+                        claims.release_if_ours(client, self._layout, self.settings.tenant,
+                                               steps.execution_id, writer),
+                        "claim release failed", steps.execution_id,
+                    )  # fmt: skip
             if steps.claim:
                 return  # the lease stays until its claim is released
-            self._abandoned.difference_update(steps.given_up)  # no claim left to take over
+            self._released(steps)
             if steps.child and steps.lease:
                 steps.child = not await self._vault_step(
                     revoke_self(steps.lease.client), "lease revoke failed", steps.execution_id
                 )
             if steps.login and steps.lease:
                 steps.login = not await self.keeper.revoke(steps.lease.held)
+
+    def _released(self, steps: _GiveBack) -> None:
+        """``steps`` left no claim behind: nothing of it to take over any more."""
+        unreleased = self._unreleased.get(steps.execution_id, [])
+        if steps in unreleased:
+            unreleased.remove(steps)
+        if not unreleased:
+            self._unreleased.pop(steps.execution_id, None)
 
     async def _give_back_later(self, steps: _GiveBack) -> None:
         lifetime = steps.lease.login.ttl if steps.lease else claims.UNRECORDED.total_seconds()
