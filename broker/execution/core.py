@@ -17,6 +17,7 @@ import asyncio
 import contextvars
 import math
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from contextlib import nullcontext
 from dataclasses import replace
@@ -102,9 +103,9 @@ class _GiveBack:
         return self.claim_by[1].lease_accessor if self.claim_by else ""
 
     @property
-    def given_up(self) -> set[str]:
+    def given_up(self) -> frozenset[str]:
         """The accessors a claim left behind may name: takeovers allowed until released."""
-        return {accessor for accessor in (self.lease_accessor, self.claim_accessor) if accessor}
+        return frozenset(a for a in (self.lease_accessor, self.claim_accessor) if a)
 
     @property
     def pending(self) -> list[str]:
@@ -146,9 +147,9 @@ class ExecutionCore:
         self._layout = layout
         self.keeper = keeper
         self.settings = settings
-        # Per execution id, the give-backs whose claim may still stand: a new preparation of
-        # that id may take such a claim over (it names a login or lease of theirs).
-        self._unreleased: dict[str, list[_GiveBack]] = {}
+        # Per execution id, what the give-backs whose claim may still stand gave up (accessors,
+        # counted per give-back): a new preparation of that id may take such a claim over.
+        self._unreleased: dict[str, Counter[frozenset[str]]] = {}
         # A claim's take (and takeover) and a give-back's release of it, one at a time: else a
         # release could destroy the claim a takeover had just written.
         self._claim_locks = KeyedLocks()
@@ -264,10 +265,8 @@ class ExecutionCore:
 
     def _claimant(self, lease: Lease, execution_id: str) -> claims.Claimant:
         settings = self.settings
-        given_up = [steps.given_up for steps in self._unreleased.get(execution_id, ())]
-        return claims.Claimant(
-            settings.pod, settings.holder, lease.login.accessor, frozenset().union(*given_up)
-        )
+        given_up = frozenset[str]().union(*self._unreleased.get(execution_id, ()))
+        return claims.Claimant(settings.pod, settings.holder, lease.login.accessor, given_up)
 
     async def _take(
         self, writer: VaultClient, execution_id: str, claimant: claims.Claimant, now: datetime
@@ -382,7 +381,7 @@ class ExecutionCore:
                           child=bool(lease and not login_is_lease),
                           login=bool(lease and login_is_lease))  # fmt: skip
         if steps.claim:
-            self._unreleased.setdefault(execution_id, []).append(steps)
+            self._unreleased.setdefault(execution_id, Counter())[steps.given_up] += 1
         attempt = asyncio.create_task(self._give_back_steps(steps, once=True),
                                       context=contextvars.Context())  # fmt: skip
         await attempt
@@ -404,9 +403,10 @@ class ExecutionCore:
                                                steps.execution_id, writer),
                         "claim release failed", steps.execution_id,
                     )  # fmt: skip
+                if not steps.claim:
+                    self._released(steps)
             if steps.claim:
                 return  # the lease stays until its claim is released
-            self._released(steps)
             if steps.child and steps.lease:
                 steps.child = not await self._vault_step(
                     revoke_self(steps.lease.client), "lease revoke failed", steps.execution_id
@@ -415,12 +415,14 @@ class ExecutionCore:
                 steps.login = not await self.keeper.revoke(steps.lease.held)
 
     def _released(self, steps: _GiveBack) -> None:
-        """``steps`` left no claim behind: nothing of it to take over any more."""
-        unreleased = self._unreleased.get(steps.execution_id, [])
-        if steps in unreleased:
-            unreleased.remove(steps)
+        """``steps`` (once) left no claim behind: nothing of it to take over any more. Only
+        accessors are kept, never a give-back's lease: one abandoned keeps no token alive."""
+        unreleased, given_up = self._unreleased[steps.execution_id], steps.given_up
+        unreleased[given_up] -= 1
+        if not unreleased[given_up]:
+            del unreleased[given_up]
         if not unreleased:
-            self._unreleased.pop(steps.execution_id, None)
+            del self._unreleased[steps.execution_id]
 
     async def _give_back_later(self, steps: _GiveBack) -> None:
         lifetime = steps.lease.login.ttl if steps.lease else claims.UNRECORDED.total_seconds()
