@@ -112,10 +112,11 @@ def _is_our_server(pid: int, state_dir: Path) -> bool:
 
 
 def healthy(addr: str, cacert: str = "") -> bool:
-    """True once the server answers ``/v1/sys/health`` as initialized, unsealed and active."""
+    """True once the server answers ``/v1/sys/health`` as initialized, unsealed and active.
+    A CA file the server is still writing (-dev-tls) is not an error: not healthy yet."""
     url = f"{addr}/v1/sys/health"
-    context = ssl.create_default_context(cafile=cacert) if cacert else None
     try:
+        context = ssl.create_default_context(cafile=cacert) if cacert else None
         with urllib.request.urlopen(url, timeout=1, context=context) as answer:  # noqa: S310
             return bool(answer.status == 200)
     except (OSError, ValueError):
