@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -10,6 +11,7 @@ import time
 from pathlib import Path
 
 import jwt as pyjwt
+import pytest
 
 from broker.config import VaultSettings
 from broker.dev import identity, server
@@ -155,3 +157,25 @@ def test_a_ca_file_still_being_written_is_not_healthy_yet(vault: Vault, tmp_path
     assert not server.healthy(vault.server.addr, str(pem))
     pem.write_text("-----BEGIN CERTIFICATE-----\nMIIB")
     assert not server.healthy(vault.server.addr, str(pem))
+
+
+def test_a_start_that_fails_for_any_reason_leaves_no_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not only a server that never became healthy: whatever interrupts the wait (here an
+    error of our own), the process started is killed, not left listening."""
+
+    def interrupted(*_: object) -> None:
+        raise RuntimeError("interrupted while waiting")
+
+    monkeypatch.setattr(server, "_wait_healthy", interrupted)
+    state = tmp_path / "state"
+    with pytest.raises(RuntimeError):
+        server.start(state)
+    config = f"-config={state.resolve() / 'server.hcl'}".encode()
+    alive = []
+    for proc in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if proc.name.isdigit() and config in (proc / "cmdline").read_bytes().split(b"\0"):
+                alive.append(proc.name)
+    assert alive == [], "the dev server outlived its failed start"

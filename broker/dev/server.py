@@ -198,7 +198,7 @@ def start(
     server = DevServer(f"{scheme}://{listen}", token, process.pid, state_dir, cacert)
     try:
         _wait_healthy(server.addr, process, time.monotonic() + timeout, cacert)
-    except ConfigError:
+    except BaseException:  # not only ConfigError: no server may outlive a failed start
         process.kill()
         process.wait()
         raise
