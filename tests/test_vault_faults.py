@@ -14,7 +14,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -389,6 +389,20 @@ async def test_retries_from_many_callers_stay_under_the_process_cap(
 # --- a preparation that fails between its claim and the claim's metadata -------------------------
 
 
+@contextlib.asynccontextmanager
+async def proxied_sidecar(
+    vault: Vault, tenant: str, tmp_path: Path, shm: Path, proxy: FaultProxy, *flags: str
+) -> AsyncIterator[Sidecar]:
+    """A sidecar talking to Vault through ``proxy``: it must stop cleanly, and (when the body
+    passed) its log must hold no canary."""
+    sidecar = await start_sidecar(vault, tenant, tmp_path, shm, *flags, vault_addr=proxy.url)
+    try:
+        yield sidecar
+    finally:
+        assert sidecar.stop() == 0, sidecar.log.read_text()[-2000:]
+    assert CANARY not in sidecar.log.read_text()
+
+
 async def claim_record(admin: VaultClient, tenant: str, execution_id: str) -> dict[str, Any]:
     """The claim's own data (pod, mode, lease accessor): what is left if its metadata is not."""
     return (await KV(admin, "stigmer").read(f"execution-claims/{tenant}/{execution_id}")).data
@@ -415,9 +429,7 @@ async def test_a_claim_left_half_written_by_the_sidecar_is_given_back(
     the two writes). The preparation fails with a 503; what it left is given back once Vault
     recovers, so the next prepare from this sidecar succeeds instead of a 409 for ever."""
     await issue_secrets(admin, vault.layout, tenant, "half-1", {"TOKEN_0": (CANARY, True)})
-    sidecar = await start_sidecar(vault, tenant, tmp_path, shm, "--deadline", "2s",
-                                  vault_addr=proxy.url)  # fmt: skip
-    try:
+    async with proxied_sidecar(vault, tenant, tmp_path, shm, proxy, "--deadline", "2s") as sidecar:
         window = time.monotonic() + 8
         proxy.add(Rule("sealed", match="/metadata/execution-claims/", until=window))
         with pytest.raises(BrokerClientError) as failed:
@@ -439,9 +451,6 @@ async def test_a_claim_left_half_written_by_the_sidecar_is_given_back(
         assert await accessor_alive(admin, login)  # the login goes on: it was never the lease
         await asyncio.to_thread(sidecar.client.end, "half-1")
         assert await claims(admin, tenant) == []
-    finally:
-        assert sidecar.stop() == 0, sidecar.log.read_text()[-2000:]
-    assert CANARY not in sidecar.log.read_text()
 
 
 async def test_run_gives_back_a_half_written_claim_before_it_exits(
@@ -501,14 +510,10 @@ async def test_a_claim_released_while_a_new_prepare_is_refused_is_written_again(
     claim (that answer held back 2 s), the give-back's retry is due. The re-PUT gets the
     execution: not a 403 because the claim it was refused had gone by the time it looked."""
     await issue_secrets(admin, vault.layout, tenant, "race-1", {"TOKEN_0": (CANARY, True)})
-    sidecar = await start_sidecar(vault, tenant, tmp_path, shm, vault_addr=proxy.url)
-    try:
+    async with proxied_sidecar(vault, tenant, tmp_path, shm, proxy) as sidecar:
         path = await _fail_leaving_a_claim(sidecar, admin, tenant, proxy, "race-1")
         proxy.add(Rule("delay", match=path, method="GET", times=1, seconds=2.0))
         await _prepared_once(sidecar, admin, tenant, "race-1")
-    finally:
-        assert sidecar.stop() == 0, sidecar.log.read_text()[-2000:]
-    assert CANARY not in sidecar.log.read_text()
 
 
 async def test_a_late_release_never_destroys_the_claim_of_a_new_prepare(
@@ -518,15 +523,11 @@ async def test_a_late_release_never_destroys_the_claim_of_a_new_prepare(
     when the same execution is prepared again. The re-PUT waits for that release rather than
     taking the claim over under it, so the old release cannot destroy the new claim."""
     await issue_secrets(admin, vault.layout, tenant, "race-2", {"TOKEN_0": (CANARY, True)})
-    sidecar = await start_sidecar(vault, tenant, tmp_path, shm, vault_addr=proxy.url)
-    try:
+    async with proxied_sidecar(vault, tenant, tmp_path, shm, proxy) as sidecar:
         path = await _fail_leaving_a_claim(sidecar, admin, tenant, proxy, "race-2")
         late = proxy.add(Rule("delay", match=path, method="DELETE", times=1, seconds=2.0))
         await wait_until(lambda: late.times == 0, 10, "the give-back's retry sent its destroy")
         await _prepared_once(sidecar, admin, tenant, "race-2")
-    finally:
-        assert sidecar.stop() == 0, sidecar.log.read_text()[-2000:]
-    assert CANARY not in sidecar.log.read_text()
 
 
 async def test_a_give_back_of_one_execution_never_ends_the_takeover_of_another(
@@ -538,8 +539,7 @@ async def test_a_give_back_of_one_execution_never_ends_the_takeover_of_another(
     what this process gave up is kept per execution."""
     for execution_id in ("gx", "gy"):
         await issue_secrets(admin, vault.layout, tenant, execution_id, {"TOKEN_0": (CANARY, True)})
-    sidecar = await start_sidecar(vault, tenant, tmp_path, shm, vault_addr=proxy.url)
-    try:
+    async with proxied_sidecar(vault, tenant, tmp_path, shm, proxy) as sidecar:
         await _fail_leaving_a_claim(sidecar, admin, tenant, proxy, "gx")
         y = f"/metadata/execution-claims/{tenant}/gy"
         proxy.add(Rule("invalid", match=y, method="POST", times=1))
@@ -550,9 +550,6 @@ async def test_a_give_back_of_one_execution_never_ends_the_takeover_of_another(
         await _given_back(sidecar, "gx")
         assert "gy" in await claims(admin, tenant)  # still given back
         await _prepared_once(sidecar, admin, tenant, "gy")
-    finally:
-        assert sidecar.stop() == 0, sidecar.log.read_text()[-2000:]
-    assert CANARY not in sidecar.log.read_text()
 
 
 async def _dead(admin: VaultClient, accessor: str) -> bool:
