@@ -2,7 +2,7 @@
 
 Why not aiohttp's server: the sidecar must idle in under 40 MB, and importing ``aiohttp.web``
 alone costs ~12 MB of it (and ~100 ms of start-up). The sidecar serves a handful of JSON
-routes to a few local callers, which h11 (already the Vault client's parser) does well.
+routes to a few local callers, which h11 does well.
 
 What it does: routes ``(method, /path/{param}/…)`` to handlers; percent-decodes each path
 segment after splitting (``%2F`` stays inside its segment); reads a whole body up to a size
@@ -148,6 +148,11 @@ class HttpServer:
         try:
             await _Connection(self, reader, writer).serve()
         except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        except asyncio.CancelledError:
+            # ``close``: end quietly. Python 3.11's StreamReaderProtocol asks a cancelled
+            # connection task for its exception and logs the CancelledError it gets as an
+            # "Unhandled exception in client_connected_cb".
             pass
         finally:
             self._connections.discard(task)

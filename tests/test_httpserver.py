@@ -150,3 +150,24 @@ async def test_expect_100_continue_is_answered(address: tuple[str, int]) -> None
     await reader.readline()  # the blank line after the 100
     assert (await asyncio.wait_for(reader.readline(), 5)).startswith(b"HTTP/1.1 200")
     writer.close()
+
+
+async def test_closing_the_server_under_an_idle_connection_reports_no_error() -> None:
+    """``close`` cancels a connection waiting for its next request: the connection closes and
+    the event loop hears of no unhandled exception."""
+    reported: list[dict[str, object]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda _, context: reported.append(context))
+    server = HttpServer(Router(), max_body=10)
+    listener = await asyncio.start_server(server.handle, "127.0.0.1", 0)
+    reader, writer = await asyncio.open_connection(*listener.sockets[0].getsockname()[:2])
+    writer.write(b"GET /nowhere HTTP/1.1\r\nHost: h\r\n\r\n")  # answered; then it idles
+    assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 404")
+    listener.close()
+    await server.close()
+    await asyncio.sleep(0.05)  # the connection tasks' done callbacks
+    try:
+        rest = await asyncio.wait_for(reader.read(-1), 5)  # the 404's body, then closed
+        assert rest.endswith(b"}")
+        assert reported == []
+    finally:
+        writer.close()
