@@ -17,7 +17,11 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import socket
+import threading
+import time
+import weakref
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
@@ -54,6 +58,7 @@ class _UnixConnection(http.client.HTTPConnection):
     def __init__(self, path: str, timeout: float) -> None:
         super().__init__("localhost", timeout=timeout)
         self._socket_path = path
+        self.idle_since = 0.0  # monotonic; when it went back to the pool
 
     def connect(self) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -66,23 +71,83 @@ class _UnixConnection(http.client.HTTPConnection):
         self.sock = sock
 
 
+# What a keep-alive connection the sidecar has closed meanwhile raises on reuse.
+_STALE = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError)
+
+
+def _close_all(connections: list[_UnixConnection]) -> None:
+    while connections:
+        connections.pop().close()
+
+
 class BrokerClient:
-    """Synchronous client (standard library only), one connection per request."""
+    """Synchronous client (standard library only). Safe to share between threads: each request
+    takes an idle keep-alive connection from a small pool, or opens one (connecting costs the
+    sidecar an admission check per connection). Every request it makes is idempotent, so one
+    that finds its reused connection closed by the sidecar is sent again on a new one."""
+
+    MAX_IDLE = 4  # connections kept open between requests
+    IDLE_SECONDS = 5.0  # under the sidecar's 10 s idle limit: a kept connection is rarely stale
 
     def __init__(self, socket_path: str | Path = DEFAULT_SOCKET, timeout: float = 30.0) -> None:
         self.socket_path = str(socket_path)
         self.timeout = timeout
+        self._idle: list[_UnixConnection] = []
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+        weakref.finalize(self, _close_all, self._idle)  # a client dropped unclosed leaks nothing
+
+    def __enter__(self) -> BrokerClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the idle connections (one in use closes when its request is done)."""
+        with self._lock:
+            _close_all(self._idle)
+
+    def _connection(self) -> tuple[_UnixConnection, bool]:
+        """An idle connection young enough to reuse (and True), or a new one (and False)."""
+        with self._lock:
+            if self._pid != os.getpid():  # forked: the parent's connections are not ours
+                _close_all(self._idle)  # (our copies of their descriptors only)
+                self._pid = os.getpid()
+            while self._idle:
+                connection = self._idle.pop()
+                if time.monotonic() - connection.idle_since < self.IDLE_SECONDS:
+                    return connection, True
+                connection.close()
+        return _UnixConnection(self.socket_path, self.timeout), False
+
+    def _release(self, connection: _UnixConnection) -> None:
+        connection.idle_since = time.monotonic()
+        with self._lock:
+            if connection.sock is not None and len(self._idle) < self.MAX_IDLE:
+                self._idle.append(connection)
+                return
+        connection.close()
 
     def _request(self, method: str, path: str, body: Any = None) -> Any:
-        connection = _UnixConnection(self.socket_path, self.timeout)
-        try:
-            payload = json.dumps(body).encode() if body is not None else None
-            headers = {"Content-Type": "application/json"} if payload is not None else {}
-            connection.request(method, path, body=payload, headers=headers)
-            response = connection.getresponse()
-            return _check(response.status, response.read())
-        finally:
-            connection.close()
+        payload = json.dumps(body).encode() if body is not None else None
+        headers = {"Content-Type": "application/json"} if payload is not None else {}
+        while True:
+            connection, reused = self._connection()
+            try:
+                connection.request(method, path, body=payload, headers=headers)
+                response = connection.getresponse()
+                answer = response.read()
+            except _STALE:
+                connection.close()
+                if reused:
+                    continue  # closed by the sidecar while idle: again, on a new connection
+                raise
+            except BaseException:
+                connection.close()
+                raise
+            self._release(connection)  # http.client drops the socket after Connection: close
+            return _check(response.status, answer)
 
     def prepare(self, execution_id: str) -> PreparedExecution:
         return ExecutionAnswer.from_json(self._request("PUT", _path(execution_id)))
