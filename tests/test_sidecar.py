@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.client import AsyncBrokerClient, BrokerClientError
+from broker.client import AsyncBrokerClient, BrokerClient, BrokerClientError
 from broker.control.executions import RuntimeValue
 from broker.dev.server import free_port
 from broker.vault import KV, VaultClient
@@ -470,3 +470,32 @@ async def test_executions_are_listed_page_by_page(
     assert [e["id"] for e in rest["executions"]] == ["page-2", "page-3", "page-4"]
     assert rest["next"] is None
     assert len(sidecar.client.list()) == 5  # the client follows the pages
+
+
+async def test_other_requests_are_served_while_a_large_directory_is_wiped(
+    vault: Vault, admin: VaultClient, tenant: str, sidecar: Sidecar
+) -> None:
+    """The wipe runs beside the event loop: a runner that left thousands of files does not
+    stall the sidecar's other callers (nor the Vault steps of the same end)."""
+    await issue(admin, vault, tenant, "wide-1")
+    directory = sidecar.client.prepare("wide-1").directory
+    planted = 9000  # under the wipe's 10,000-entry budget, with the broker's own files
+    for index in range(planted):
+        (directory / f"junk-{index}").write_bytes(b"x")
+    ending = asyncio.ensure_future(asyncio.to_thread(sidecar.client.end, "wide-1"))
+    during: list[int] = []  # entries left when an answer came while the wipe was under way
+    other = BrokerClient(sidecar.socket)
+    while not ending.done():
+        assert await asyncio.to_thread(other.ready)
+        try:
+            left = len(os.listdir(directory))
+        except FileNotFoundError:
+            break
+        if 0 < left < planted:
+            during.append(left)
+    ended = await ending
+    other.close()
+    assert during, "no request was answered while the directory was being wiped"
+    assert len(ended["ended"]["files_removed"]) > planted
+    assert ended["ended"]["context"] == "destroyed" and ended["ended"]["lease"] == "revoked"
+    assert not directory.exists()

@@ -6,9 +6,9 @@ without its accessor claims with its lease, after the read. No file is written b
 decryption and resolution succeeded; whatever was acquired is given back if anything fails or
 the caller is cancelled, and the context is kept so the execution can be retried.
 
-end: wipe the files → drop the plaintext (memory, log redactor) → destroy the context →
-release the claim → revoke the lease. Every step is attempted; when the lease is already gone
-the login token does the Vault steps.
+end: drop the plaintext (memory, log redactor) → wipe the files (a worker thread) ‖ destroy
+the context, release the claim, revoke the lease. Every step is attempted; when the lease is
+already gone the login token does the Vault steps.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from broker.protocol import FilePaths, runner_variables
 from broker.records import field, record
 from broker.render.files import contents, render
 from broker.render.outdir import ExecutionDirectory, OutputRoot
-from broker.render.wipe import wipe
+from broker.render.wipe import WipeReport, wipe
 from broker.resolve import ServerConfig, Variable, resolve_servers
 from broker.vault import (
     KV,
@@ -55,6 +55,13 @@ from broker.vault.retry import single_attempt
 
 STRIPPED_FROM_CHILD = ("VAULT_", "BAO_", "STIGMER_DEV_IDENTITY_KEY")
 FIRST_CLEANUP_DEADLINE = 5.0  # seconds for the first try at the Vault steps of an end
+
+
+def _wipe_and_release(directory: ExecutionDirectory) -> WipeReport:
+    try:
+        return wipe(directory)
+    finally:
+        directory.release()
 
 
 class LeaseMode(Enum):
@@ -469,21 +476,23 @@ class ExecutionCore:
     # --- end ----------------------------------------------------------------------------------
 
     async def end(self, execution: Execution, lease_gone: bool = False) -> Cleanup:
-        """Wipe, drop the plaintext, destroy the context, release the claim, revoke the lease.
+        """Drop the plaintext, wipe ‖ destroy the context, release the claim, revoke the lease.
 
         ``lease_gone``: the lease was revoked from outside; the login does the Vault steps.
         Steps Vault could not do stay in ``Cleanup.pending`` for :meth:`finish`.
         """
         report = Cleanup()
-        wiped = wipe(execution.directory)
-        execution.directory.release()
-        report.files_removed, report.file_errors = wiped.removed, list(wiped.failed)
         execution.registration.release()
         execution.variables.clear()
         if lease_gone:
             report.lease = "already revoked"
         with deadline(FIRST_CLEANUP_DEADLINE):  # an outage leaves steps pending for finish()
-            await self._vault_steps(execution, report)
+            # Vault's steps go out while a worker thread wipes the files (so a hostile
+            # runner's 10,000 entries do not stall the event loop either).
+            vault = asyncio.ensure_future(self._vault_steps(execution, report))
+            wiped = await asyncio.to_thread(_wipe_and_release, execution.directory)
+            report.files_removed, report.file_errors = wiped.removed, list(wiped.failed)
+            await vault
         logs.event("execution ended", execution_id=execution.id, **report.as_json())
         return report
 
