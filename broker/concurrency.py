@@ -9,8 +9,6 @@ from collections.abc import AsyncIterator, Awaitable, Iterable
 from typing import TypeVar
 
 T = TypeVar("T")
-A = TypeVar("A")
-B = TypeVar("B")
 
 
 async def together(steps: Iterable[Awaitable[T]], limit: int = 0) -> list[T]:
@@ -34,12 +32,6 @@ async def together(steps: Iterable[Awaitable[T]], limit: int = 0) -> list[T]:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
-
-
-async def both(first: Awaitable[A], second: Awaitable[B]) -> tuple[A, B]:
-    """:func:`together` for two awaitables of different types."""
-    results: list[object] = await together([first, second])
-    return results[0], results[1]  # type: ignore[return-value]
 
 
 class KeyedLocks:

@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from broker.concurrency import KeyedLocks, both, together
+from broker.concurrency import KeyedLocks, together
 
 pytestmark = pytest.mark.unit
 
@@ -27,7 +27,7 @@ async def test_the_first_failure_is_raised_as_it_is_and_the_rest_cancelled() -> 
         raise KeyError("x")
 
     with pytest.raises(KeyError):  # not an ExceptionGroup
-        await both(slow(), fails())
+        await together([slow(), fails()])
     assert cancelled.is_set()
     assert await together([asyncio.sleep(0, n) for n in range(5)], limit=2) == [0, 1, 2, 3, 4]
 

@@ -436,6 +436,8 @@ async def test_a_claim_left_half_written_by_the_sidecar_is_given_back(
             await asyncio.to_thread(sidecar.client.prepare, "half-1")
         assert failed.value.status == 503, failed.value
         assert time.monotonic() < window - 4  # the caller is told at once, not after a cleanup
+        # The files, written while the metadata was being retried, went with the failure.
+        assert list(sidecar.out.iterdir()) == []
         login = next(e["accessor"] for e in sidecar.events() if e["msg"] == "logged in")
         # Half written: the login's claim stands, with no holder in its metadata.
         assert (await claim_record(admin, tenant, "half-1"))["lease_accessor"] == login

@@ -26,7 +26,7 @@ from enum import Enum
 from typing import Any
 
 from broker import logs, names, tasks
-from broker.concurrency import KeyedLocks, both
+from broker.concurrency import KeyedLocks
 from broker.config import Layout
 from broker.errors import BrokerError, ClaimConflict, PermissionDenied, ValidationError, VaultError
 from broker.execution import claims
@@ -55,6 +55,20 @@ from broker.vault.retry import single_attempt
 
 STRIPPED_FROM_CHILD = ("VAULT_", "BAO_", "STIGMER_DEV_IDENTITY_KEY")
 FIRST_CLEANUP_DEADLINE = 5.0  # seconds for the first try at the Vault steps of an end
+
+
+async def _cancelled(*tasks: asyncio.Future[Any]) -> None:
+    """Cancel ``tasks`` and wait until they are done (an error of theirs is not ours)."""
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _discard(execution: Execution) -> None:
+    """An execution that will not be delivered after all: its files and plaintext go."""
+    execution.registration.release()
+    execution.variables.clear()
+    _wipe_and_release(execution.directory)
 
 
 def _wipe_and_release(directory: ExecutionDirectory) -> WipeReport:
@@ -304,15 +318,30 @@ class ExecutionCore:
         now: datetime,
         reader_uid: int | None,
     ) -> Execution:
-        """The claim is ours: decrypt, and record the holder in the claim meanwhile."""
+        """The claim is ours: decrypt, and record the holder in the claim's metadata meanwhile.
+        The decryption's request goes first (the files wait for it); the files are written
+        while the metadata's answer may still be on its way, and wiped if it is a failure."""
         secret_names = [name for name, value in context.data.items() if value.is_secret]
-        decrypting = Transit(lease.client, self._layout.transit_mount).decrypt(
-            self._layout.transit_key(context.tenant),
-            [context.data[name].value for name in secret_names],
+        decrypting = asyncio.ensure_future(
+            Transit(lease.client, self._layout.transit_mount).decrypt(
+                self._layout.transit_key(context.tenant),
+                [context.data[name].value for name in secret_names],
+            )
         )
         where = (lease.client, self._layout, context.tenant, context.execution_id, claimant)
-        _, plaintexts = await both(claims.attribute(*where, now, context.expires_at), decrypting)
-        return self._deliver(context, lease, reader_uid, secret_names, plaintexts)
+        recording = asyncio.ensure_future(claims.attribute(*where, now, context.expires_at))
+        try:
+            plaintexts = await decrypting
+            execution = self._deliver(context, lease, reader_uid, secret_names, plaintexts)
+        except BaseException:
+            await _cancelled(decrypting, recording)
+            raise
+        try:
+            await recording
+        except BaseException:
+            _discard(execution)
+            raise
+        return execution
 
     def _deliver(
         self,
