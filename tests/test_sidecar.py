@@ -107,6 +107,10 @@ async def test_prepare_resolve_end(
     with pytest.raises(BrokerClientError) as gone:
         sidecar.client.prepare("sc-1")
     assert gone.value.status == 410
+    counted = sidecar.metrics()  # one of each of the execution's Vault requests, by operation
+    for operation in ("read", "decrypt", "create-token", "write-metadata", "revoke-self"):
+        assert f'operation="{operation}",outcome="ok"}} 1.0' in counted, operation
+    assert 'stigmer_broker_vault_requests_total{operation="destroy",outcome="ok"} 2.0' in counted
 
 
 async def test_errors_have_statuses(

@@ -15,6 +15,7 @@ import pytest
 from broker.config import VaultSettings
 from broker.errors import VaultConfigError
 from broker.vault import VaultClient
+from broker.vault.client import escape_path
 from broker.vault.transport import (
     BadHeader,
     Dropped,
@@ -245,3 +246,19 @@ async def test_a_token_with_a_line_break_is_a_configuration_error_that_does_not_
     assert "X-Vault-Token" in str(refused.value) and "CANARY" not in str(refused.value)
     assert refused.value.hint and server.requests == []
     await client.aclose()
+
+
+@pytest.mark.parametrize(
+    ("path", "sent"),
+    [
+        (
+            "stigmer/data/execution-contexts/acme/run-1.a_b~c",
+            "stigmer/data/execution-contexts/acme/run-1.a_b~c",
+        ),
+        ("kv/data/a b/c?d#e", "kv/data/a%20b/c%3Fd%23e"),
+        ("kv/data/%2F/é", "kv/data/%252F/%C3%A9"),
+        ("kv/data/x\r\nHost: evil", "kv/data/x%0D%0AHost%3A%20evil"),
+    ],
+)
+def test_paths_are_escaped_segment_by_segment(path: str, sent: str) -> None:
+    assert escape_path(path) == sent

@@ -136,10 +136,14 @@ def write_atomic(dir_fd: int, name: str, data: bytes, reader_uid: int | None = N
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
     fd = os.open(temp, flags, FILE_MODE, dir_fd=dir_fd)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            os.fchmod(handle.fileno(), FILE_MODE)  # exactly, whatever the umask
-            grant_reader(handle.fileno(), reader_uid, directory=False)
-            handle.write(data)
+        try:
+            os.fchmod(fd, FILE_MODE)  # exactly, whatever the umask
+            grant_reader(fd, reader_uid, directory=False)
+            view = memoryview(data)
+            while view:  # a regular file on tmpfs takes it in one write; loop all the same
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
         os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except BaseException:
         with suppress(FileNotFoundError):

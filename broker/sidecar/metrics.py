@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from broker.vault.client import observe_requests
@@ -63,9 +65,16 @@ class Metrics:
             "Claims refused because another holds them",
             registry=r,
         )
-        observe_requests(
-            lambda operation, outcome: self.vault_requests.labels(operation, outcome).inc()
-        )
+        self._request_counts: dict[tuple[str, str], Any] = {}  # labels() takes a lock each time
+        observe_requests(self._vault_request)
+
+    def _vault_request(self, operation: str, outcome: str) -> None:
+        child = self._request_counts.get((operation, outcome))
+        if child is None:
+            child = self._request_counts[operation, outcome] = self.vault_requests.labels(
+                operation, outcome
+            )
+        child.inc()
 
     def keeper_event(self, what: str, result: str) -> None:
         """The token keeper's logins, renewals and revocations."""
