@@ -562,11 +562,13 @@ class ExecutionCore:
         # (same policy); a login that is the lease must outlive them.
         together = (self.settings.lease_mode is LeaseMode.CHILD and not lease_gone
                     and "lease" in report.pending and self.keeper.current is not None)  # fmt: skip
+        # The revocation, Vault's costliest of the three, goes out first.
+        revoking = asyncio.ensure_future(self._revoke_lease(lease, report)) if together else None
         destroying = asyncio.gather(  # independent: one round trip for all
             *(self._destroy(paths[step], lease, lease_gone or together, report) for step in steps)
         )
-        if together:
-            done, report.lease = await asyncio.gather(destroying, self._revoke_lease(lease, report))
+        if revoking is not None:
+            done, report.lease = await asyncio.gather(destroying, revoking)
         else:
             done = await destroying
         for step, destroyed in zip(steps, done, strict=True):
