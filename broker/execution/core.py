@@ -55,6 +55,10 @@ from broker.vault.retry import single_attempt
 
 STRIPPED_FROM_CHILD = ("VAULT_", "BAO_", "STIGMER_DEV_IDENTITY_KEY")
 FIRST_CLEANUP_DEADLINE = 5.0  # seconds for the first try at the Vault steps of an end
+# Event-loop turns an end's Vault requests take to reach their sockets (two here, four to be
+# safe): the wipe's worker thread starts after them, as it takes the GIL from the event loop.
+# Only a matter of speed: a request still unsent then goes out while the wipe runs.
+SEND_TURNS = 4
 
 
 async def _cancelled(*tasks: asyncio.Future[Any]) -> None:
@@ -519,6 +523,8 @@ class ExecutionCore:
             # Vault's steps go out while a worker thread wipes the files (so a hostile
             # runner's 10,000 entries do not stall the event loop either).
             vault = asyncio.ensure_future(self._vault_steps(execution, report))
+            for _ in range(SEND_TURNS):
+                await asyncio.sleep(0)
             wiped = await asyncio.to_thread(_wipe_and_release, execution.directory)
             report.files_removed, report.file_errors = wiped.removed, list(wiped.failed)
             await vault
