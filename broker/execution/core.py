@@ -525,9 +525,11 @@ class ExecutionCore:
             vault = asyncio.ensure_future(self._vault_steps(execution, report))
             for _ in range(SEND_TURNS):
                 await asyncio.sleep(0)
-            wiped = await asyncio.to_thread(_wipe_and_release, execution.directory)
-            report.files_removed, report.file_errors = wiped.removed, list(wiped.failed)
-            await vault
+            try:
+                wiped = await asyncio.to_thread(_wipe_and_release, execution.directory)
+                report.files_removed, report.file_errors = wiped.removed, list(wiped.failed)
+            finally:
+                await vault
         logs.event("execution ended", execution_id=execution.id, **report.as_json())
         return report
 
