@@ -19,8 +19,8 @@ demo: venv
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash vault-dev/demo.sh
 
 lint: venv
-	$(BIN)/ruff check broker tests bench
-	$(BIN)/ruff format --check broker tests bench
+	$(BIN)/ruff check broker tests bench vault-dev
+	$(BIN)/ruff format --check broker tests bench vault-dev
 
 typecheck: venv
 	$(BIN)/mypy

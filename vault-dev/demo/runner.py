@@ -3,12 +3,13 @@
 import json
 import os
 import sys
+from pathlib import Path
 
 
 def main() -> int:
-    manifest = json.load(open(os.environ["STIGMER_MANIFEST"]))
+    manifest = json.loads(Path(os.environ["STIGMER_MANIFEST"]).read_text())
     secret = {name for name, v in manifest["variables"].items() if v["secret"]}
-    values = json.load(open(os.environ["STIGMER_ENV_JSON"]))
+    values = json.loads(Path(os.environ["STIGMER_ENV_JSON"]).read_text())
 
     def masked(text: str) -> str:
         for name in secret:
