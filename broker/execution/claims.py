@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-import secrets
+import os
 from datetime import datetime, timedelta
 
 from broker import logs
@@ -50,7 +50,7 @@ class Claimant:
     lease_accessor: str  # the token that writes the claim (data) or holds it (metadata)
     abandoned: frozenset[str] = frozenset()  # accessors of leases this process gave up
     # One preparation's: a login writes the claims of many, one after another.
-    attempt: str = field(default_factory=lambda: secrets.token_hex(8))
+    attempt: str = field(default_factory=lambda: os.urandom(8).hex())  # secrets: +4 ms start
 
 
 @record(frozen=True)

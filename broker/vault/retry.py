@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import random
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -51,6 +50,8 @@ class RetryPolicy:
 
     def backoff(self, attempt: int, retry_after: float | None = None) -> float:
         """Full jitter: uniform(0, min(cap, base * 2**attempt)); never less than Retry-After."""
+        import random  # here: ~4 ms of every start-up, where only a retry needs it
+
         ceiling = min(self.max_delay, self.base_delay * 2**attempt)
         pause = random.uniform(0, ceiling)  # noqa: S311 - jitter, not a secret
         return max(pause, retry_after or 0.0)
