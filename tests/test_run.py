@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import signal
+import subprocess
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -386,3 +387,32 @@ async def test_a_context_outliving_the_login_is_refused_before_decrypting(
                   login_max_ttl=120)  # fmt: skip
     assert await context_paths(admin, vault, tenant) == ["too-long"]
     assert await claims(admin, tenant) == []  # written alongside the read, given back
+
+
+MODULES_AT_EXIT = """
+import atexit, json, os, sys
+atexit.register(lambda: open(os.environ["MODULES_OUT"], "w").write(json.dumps(sorted(sys.modules))))
+sys.argv[0] = "stigmer-broker"
+from broker.cli import entry
+entry()
+"""
+# What `run` never needs: each costs its start-up milliseconds (issue 11's cold-run target).
+NOT_FOR_RUN = ("pydantic", "jwt", "cryptography", "hvac", "requests", "aiohttp", "yaml", "h11",
+               "random", "secrets", "hmac", "broker.model", "broker.control")  # fmt: skip
+
+
+async def test_run_loads_only_what_it_uses(
+    vault: Vault, admin: VaultClient, tenant: str, shm: Path, tmp_path: Path
+) -> None:
+    await issue(admin, vault.layout, tenant, "lean-run-1")
+    out = tmp_path / "modules.json"
+    result = subprocess.run(
+        [sys.executable, "-c", MODULES_AT_EXIT, "run", "--tenant", tenant,
+         "--execution", "lean-run-1", "--out", str(shm),
+         "--jwt-file", str(vault.jwt_for(tenant, tmp_path)), "--", "true"],
+        capture_output=True, text=True, env=vault.environ(MODULES_OUT=str(out)), timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    loaded = json.loads(out.read_text())
+    assert "broker.execution.core" in loaded  # it did run
+    assert [m for m in loaded if m.startswith(NOT_FOR_RUN)] == []
