@@ -6,9 +6,9 @@ without its accessor claims with its lease, after the read. No file is written b
 decryption and resolution succeeded; whatever was acquired is given back if anything fails or
 the caller is cancelled, and the context is kept so the execution can be retried.
 
-end: drop the plaintext (memory, log redactor) → wipe the files (a worker thread) ‖ destroy
-the context, release the claim, revoke the lease. Every step is attempted; when the lease is
-already gone the login token does the Vault steps.
+end: drop the plaintext (memory, log redactor) → destroy the context, release the claim,
+revoke the lease ‖ wipe the files (in a worker thread if the runner added any). Every step is
+attempted; when the lease is already gone the login token does the Vault steps.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import math
+import os
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
@@ -56,8 +57,8 @@ from broker.vault.retry import single_attempt
 STRIPPED_FROM_CHILD = ("VAULT_", "BAO_", "STIGMER_DEV_IDENTITY_KEY")
 FIRST_CLEANUP_DEADLINE = 5.0  # seconds for the first try at the Vault steps of an end
 # Event-loop turns an end's Vault requests take to reach their sockets (two here, four to be
-# safe): the wipe's worker thread starts after them, as it takes the GIL from the event loop.
-# Only a matter of speed: a request still unsent then goes out while the wipe runs.
+# safe): the wipe starts after them (a worker thread's would take the GIL from the event loop).
+# Only a matter of speed: a request still unsent then goes out after or beside the wipe.
 SEND_TURNS = 4
 
 
@@ -73,6 +74,14 @@ def _discard(execution: Execution) -> None:
     execution.registration.release()
     execution.variables.clear()
     _wipe_and_release(execution.directory)
+
+
+def _only_ours(execution: Execution) -> bool:
+    """Does the directory hold only the files the broker wrote (a wipe of a few files)?"""
+    try:
+        return set(os.listdir(execution.directory.path)) <= execution.written
+    except OSError:
+        return False  # gone, or not ours to list: the wipe finds out, off the event loop
 
 
 def _wipe_and_release(directory: ExecutionDirectory) -> WipeReport:
@@ -151,6 +160,7 @@ class Execution:
     detached: bool = False  # the lease no longer counts against its login
     tasks: list[tuple[str, Any]] = field(default_factory=list)  # unresolved, for /tasks/{name}
     broker_placeholders: bool = False
+    written: frozenset[str] = frozenset()  # the names of the files the broker wrote
 
     @property
     def files(self) -> FilePaths:
@@ -362,7 +372,7 @@ class ExecutionCore:
             for name, value in context.data.items()
         }
         try:
-            directory = self._render(context, variables, reader_uid)
+            directory, written = self._render(context, variables, reader_uid)
         except BaseException:
             registration.release()
             raise
@@ -377,7 +387,7 @@ class ExecutionCore:
         return Execution(
             context.execution_id, context.tenant, context.expires_at, variables, directory,
             lease, registration, tasks=context.tasks,
-            broker_placeholders=context.broker_placeholders,
+            broker_placeholders=context.broker_placeholders, written=written,
         )  # fmt: skip
 
     def _render(
@@ -385,7 +395,7 @@ class ExecutionCore:
         context: contexts.StoredContext,
         variables: dict[str, Variable],
         reader_uid: int | None,
-    ) -> ExecutionDirectory:
+    ) -> tuple[ExecutionDirectory, frozenset[str]]:
         allow = self.settings.allow_secret_in_args or context.allow_secret_in_args
         servers: list[ServerConfig] = resolve_servers(context.mcp_servers, variables, allow)
         resolved_tasks = {
@@ -403,7 +413,7 @@ class ExecutionCore:
             wipe(directory)
             directory.release()
             raise
-        return directory
+        return directory, frozenset(files)
 
     async def _give_back(
         self,
@@ -520,13 +530,17 @@ class ExecutionCore:
         if lease_gone:
             report.lease = "already revoked"
         with deadline(FIRST_CLEANUP_DEADLINE):  # an outage leaves steps pending for finish()
-            # Vault's steps go out while a worker thread wipes the files (so a hostile
-            # runner's 10,000 entries do not stall the event loop either).
+            # Vault's steps go out, then the files are wiped while Vault works: here when only
+            # the broker's files are there, else in a worker thread (a runner's 10,000
+            # entries must not stall the event loop).
             vault = asyncio.ensure_future(self._vault_steps(execution, report))
             for _ in range(SEND_TURNS):
                 await asyncio.sleep(0)
             try:
-                wiped = await asyncio.to_thread(_wipe_and_release, execution.directory)
+                if _only_ours(execution):
+                    wiped = _wipe_and_release(execution.directory)
+                else:
+                    wiped = await asyncio.to_thread(_wipe_and_release, execution.directory)
                 report.files_removed, report.file_errors = wiped.removed, list(wiped.failed)
             finally:
                 await vault
