@@ -25,13 +25,9 @@ class FilePaths:
 
     @classmethod
     def of(cls, directory: Path) -> FilePaths:
-        return cls(
-            directory=str(directory),
-            env=str(directory / "env"),
-            env_json=str(directory / "env.json"),
-            mcp_json=str(directory / "mcp.json"),
-            manifest=str(directory / "manifest.json"),
-        )
+        base = str(directory)  # joined as strings: pathlib's joins were most of an answer's cost
+        return cls(base, f"{base}/env", f"{base}/env.json", f"{base}/mcp.json",
+                   f"{base}/manifest.json")  # fmt: skip
 
 
 def runner_variables(execution_id: str, files: FilePaths) -> dict[str, str]:
@@ -73,11 +69,11 @@ class ExecutionAnswer:
         answer: dict[str, Any] = {"id": self.id, "state": self.state, "tenant": self.tenant,
                                   "expires_at": self.expires_at}  # fmt: skip
         if self.files is not None:
-            answer["files"] = asdict(self.files)
+            answer["files"] = dict(vars(self.files))  # flat records of strings and lists
         if self.variables is not None:
             answer["variables"] = self.variables
         if self.ended is not None:
-            answer["ended"] = asdict(self.ended)
+            answer["ended"] = dict(vars(self.ended))
         return {key: value for key, value in answer.items() if value is not None}
 
     @classmethod
