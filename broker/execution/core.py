@@ -27,7 +27,7 @@ from enum import Enum
 from typing import Any
 
 from broker import logs, names, tasks
-from broker.concurrency import KeyedLocks
+from broker.concurrency import KeyedLocks, cancel_all
 from broker.config import Layout
 from broker.errors import BrokerError, ClaimConflict, PermissionDenied, ValidationError, VaultError
 from broker.execution import claims
@@ -40,7 +40,7 @@ from broker.protocol import FilePaths, runner_variables
 from broker.records import field, record
 from broker.render.files import contents, render
 from broker.render.outdir import ExecutionDirectory, OutputRoot
-from broker.render.wipe import WipeReport, wipe
+from broker.render.wipe import wipe_and_release
 from broker.resolve import ServerConfig, Variable, resolve_servers
 from broker.vault import (
     KV,
@@ -62,18 +62,10 @@ FIRST_CLEANUP_DEADLINE = 5.0  # seconds for the first try at the Vault steps of 
 SEND_TURNS = 4
 
 
-async def _cancelled(*tasks: asyncio.Future[Any]) -> None:
-    """Cancel ``tasks`` and wait until they are done (an error of theirs is not ours)."""
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-
-
 def _discard(execution: Execution) -> None:
-    """An execution that will not be delivered after all: its files and plaintext go."""
-    execution.registration.release()
-    execution.variables.clear()
-    _wipe_and_release(execution.directory)
+    """An execution that will not be delivered after all: its plaintext and files go."""
+    execution.drop_plaintext()
+    wipe_and_release(execution.directory)
 
 
 def _only_ours(execution: Execution) -> bool:
@@ -82,13 +74,6 @@ def _only_ours(execution: Execution) -> bool:
         return set(os.listdir(execution.directory.path)) <= execution.written
     except OSError:
         return False  # gone, or not ours to list: the wipe finds out, off the event loop
-
-
-def _wipe_and_release(directory: ExecutionDirectory) -> WipeReport:
-    try:
-        return wipe(directory)
-    finally:
-        directory.release()
 
 
 class LeaseMode(Enum):
@@ -165,6 +150,11 @@ class Execution:
     @property
     def files(self) -> FilePaths:
         return FilePaths.of(self.directory.path)
+
+    def drop_plaintext(self) -> None:
+        """The values leave memory and the log redactor (the files are the wipe's)."""
+        self.registration.release()
+        self.variables.clear()
 
     def child_environment(self, base: Mapping[str, str]) -> dict[str, str]:
         """The runner's environment: ``base`` minus Vault credentials, plus the variables."""
@@ -348,7 +338,7 @@ class ExecutionCore:
             plaintexts = await decrypting
             execution = self._deliver(context, lease, reader_uid, secret_names, plaintexts)
         except BaseException:
-            await _cancelled(decrypting, recording)
+            await cancel_all((decrypting, recording))
             raise
         try:
             await recording
@@ -410,8 +400,7 @@ class ExecutionCore:
         try:
             render(directory, files, reader_uid)
         except BaseException:
-            wipe(directory)
-            directory.release()
+            wipe_and_release(directory)
             raise
         return directory, frozenset(files)
 
@@ -525,8 +514,7 @@ class ExecutionCore:
         Steps Vault could not do stay in ``Cleanup.pending`` for :meth:`finish`.
         """
         report = Cleanup()
-        execution.registration.release()
-        execution.variables.clear()
+        execution.drop_plaintext()
         if lease_gone:
             report.lease = "already revoked"
         with deadline(FIRST_CLEANUP_DEADLINE):  # an outage leaves steps pending for finish()
@@ -538,9 +526,9 @@ class ExecutionCore:
                 await asyncio.sleep(0)
             try:
                 if _only_ours(execution):
-                    wiped = _wipe_and_release(execution.directory)
+                    wiped = wipe_and_release(execution.directory)
                 else:
-                    wiped = await asyncio.to_thread(_wipe_and_release, execution.directory)
+                    wiped = await asyncio.to_thread(wipe_and_release, execution.directory)
                 report.files_removed, report.file_errors = wiped.removed, list(wiped.failed)
             finally:
                 await vault

@@ -246,7 +246,7 @@ class OutputRoot:
     def sweep(self) -> list[str]:
         """Remove execution directories no live process holds (their lock is free): what a
         killed broker left. Returns their names."""
-        from broker.render.wipe import wipe  # the wipe depends on this module
+        from broker.render.wipe import wipe_and_release  # the wipe depends on this module
 
         swept = []
         with open_directory(self.path) as root_fd:
@@ -256,8 +256,7 @@ class OutputRoot:
                     continue
                 status = os.fstat(fd)
                 leftover = ExecutionDirectory(self.path / name, (status.st_dev, status.st_ino), fd)
-                wipe(leftover)
-                leftover.release()
+                wipe_and_release(leftover)
                 swept.append(name)
         return swept
 

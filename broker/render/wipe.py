@@ -119,3 +119,11 @@ def wipe(directory: ExecutionDirectory) -> WipeReport:
     except OSError as exc:
         report.failed.append(f"{directory.path}: {exc.strerror or type(exc).__name__}")
     return report
+
+
+def wipe_and_release(directory: ExecutionDirectory) -> WipeReport:
+    """:func:`wipe`, then drop the directory's lock (a later sweep may remove what is left)."""
+    try:
+        return wipe(directory)
+    finally:
+        directory.release()
