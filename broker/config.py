@@ -81,6 +81,16 @@ def _addresses(text: str) -> tuple[str, ...]:
     return addresses
 
 
+def plain_http_only(environ: Mapping[str, str] = os.environ) -> bool:
+    """Is every configured Vault address plain ``http://`` (so no TLS will ever be needed)?
+    False when there is none or one is not understood: the command reports that itself."""
+    try:
+        addresses = _addresses(_setting(environ, "ADDR"))
+    except ConfigError:
+        return False
+    return bool(addresses) and all(a.lower().startswith("http://") for a in addresses)
+
+
 @record(frozen=True)
 class VaultSettings:
     """Where Vault is and how to talk to it. The token never shows in ``repr``."""

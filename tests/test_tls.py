@@ -117,6 +117,22 @@ def test_plain_http_to_an_https_server_says_so(tls: Tls) -> None:
     assert "https" in stderr.lower()
 
 
+def test_run_over_plain_http_to_an_https_server_says_so_without_loading_ssl(
+    tls: Tls, tmp_path: Path, shm: Path
+) -> None:
+    """`run` keeps ssl out when every address is http://: a TLS server is still recognised
+    from what it answers (exit 2, not a retry), and nothing is claimed."""
+    env = environ(tls, VAULT_ADDR=tls.vault.server.addr.replace("https://", "http://"))
+    env.pop("VAULT_TOKEN")
+    jwt = tls.vault.jwt_for("acme", tmp_path)
+    started = time.monotonic()
+    result = cli(tls.vault, "run", "--tenant", "acme", "--execution", "plain-1", "--out",
+                 str(shm), "--jwt-file", str(jwt), "--", "true", env=env)  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "https://" in result.stderr and "retrying" not in result.stderr
+    assert time.monotonic() - started < 5
+
+
 def test_a_client_certificate_is_presented_when_configured(tls: Tls) -> None:
     base = {"VAULT_ADDR": tls.mtls_addr, "VAULT_CACERT": str(tls.mtls_ca)}
     code, stderr, took = env_list(tls, **base)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from broker.config import VaultSettings
+from broker.config import VaultSettings, plain_http_only
 from broker.errors import VaultConfigError
 from broker.vault import VaultClient
 from broker.vault.client import escape_path
@@ -262,3 +262,21 @@ async def test_a_token_with_a_line_break_is_a_configuration_error_that_does_not_
 )
 def test_paths_are_escaped_segment_by_segment(path: str, sent: str) -> None:
     assert escape_path(path) == sent
+
+
+@pytest.mark.parametrize(
+    ("environ", "plain"),
+    [
+        ({"VAULT_ADDR": "http://127.0.0.1:8200"}, True),
+        ({"BAO_ADDR": "http://vault:8200,http://vault-2:8200"}, True),
+        ({"VAULT_ADDR": "HTTP://vault:8200"}, True),
+        ({"VAULT_ADDR": "http://vault:8200,https://vault-2:8200"}, False),
+        ({"VAULT_ADDR": "https://vault:8200", "BAO_ADDR": "http://vault:8200"}, False),
+        ({"VAULT_ADDR": "ftp://vault"}, False),
+        ({}, False),
+    ],
+)
+def test_only_all_plain_http_addresses_let_run_leave_ssl_out(
+    environ: dict[str, str], plain: bool
+) -> None:
+    assert plain_http_only(environ) is plain

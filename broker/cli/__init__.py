@@ -167,6 +167,13 @@ def _dispatch(args: argparse.Namespace) -> int:
         StartUp.resume()
     result = args.handler(args)
     if inspect.iscoroutine(result):
+        from broker.config import plain_http_only
+
+        if args.command_name == "run" and plain_http_only():
+            # asyncio loads ssl only to offer TLS, which a Vault reached over plain http never
+            # needs: ~15 ms of a cold `run`. Python supports running without ssl (a build
+            # without OpenSSL): the import fails, and asyncio and our transport do without.
+            sys.modules.setdefault("ssl", None)  # type: ignore[arg-type]
         import asyncio  # here: ~50 ms that --help and the synchronous commands do without
 
         result = asyncio.run(_started(result))

@@ -8,17 +8,22 @@ production). ``VAULT_TLS_SERVER_NAME`` is applied by the transport (SNI and host
 
 from __future__ import annotations
 
-import ssl
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from broker.config import VaultSettings
 from broker.errors import ConfigError
+
+if TYPE_CHECKING:
+    import ssl
 
 
 def ssl_context(settings: VaultSettings) -> ssl.SSLContext | None:
     """The context for https addresses; None when no address uses https."""
     if not any(a.startswith("https://") for a in settings.addresses):
         return None
+    import ssl  # here: a `run` over plain http never loads it (see broker.cli._dispatch)
+
     custom_ca = bool(settings.cacert or settings.capath)
     try:
         if custom_ca:

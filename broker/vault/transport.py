@@ -15,15 +15,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-import ssl
+import sys
 import time
 import weakref
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, cast
 from urllib.parse import urlsplit
 
 import httptools
 
 from broker.records import record
+
+if TYPE_CHECKING:
+    import ssl
 
 IDLE_TIMEOUT = 15.0  # seconds a pooled connection may sit unused (well under Vault's own)
 RECENT = 1.0  # seconds: a connection used this recently is not closed for idleness (Vault: 5 min)
@@ -254,13 +258,15 @@ class Transport:
     async def _connect(self, origin: Origin) -> _Connection:
         context = self._ssl if origin.scheme == "https" else None
         if origin.scheme == "https" and context is None:
+            import ssl
+
             context = ssl.create_default_context()
         hostname = (self._server_hostname or origin.host) if context else None
         try:
             reader, writer = await asyncio.open_connection(
                 origin.host, origin.port, ssl=context, server_hostname=hostname
             )
-        except ssl.SSLError as exc:
+        except _tls_error() as exc:
             raise TLSFailed(_ssl_detail(exc)) from None
         except OSError as exc:
             raise ConnectFailed(exc.strerror or type(exc).__name__) from None
@@ -331,7 +337,7 @@ class Transport:
         except TransportError:
             _discard(connection)
             raise
-        except ssl.SSLError as exc:
+        except _tls_error() as exc:
             _discard(connection)
             if "ALERT" in (exc.reason or ""):  # the server refused us in the handshake
                 raise TLSFailed(_ssl_detail(exc)) from None
@@ -352,7 +358,7 @@ class Transport:
         for writer in writers:
             writer.close()
         for writer in writers:
-            with contextlib.suppress(OSError, ssl.SSLError):
+            with contextlib.suppress(OSError):  # ssl.SSLError is one
                 await writer.wait_closed()
 
 
@@ -361,7 +367,21 @@ def _discard(connection: _Connection | None) -> None:
         connection.close()
 
 
+class _NeverRaised(Exception):
+    """What ``_tls_error`` names in a process that never loaded ssl: nothing raises it."""
+
+
+def _tls_error() -> type[ssl.SSLError]:
+    """``ssl.SSLError``, if this process loaded ssl. A ``run`` whose Vault addresses are all
+    plain http keeps ssl out (~15 ms of its start, see ``broker.cli``): no TLS error can
+    happen there, so nothing needs catching."""
+    module = sys.modules.get("ssl")
+    return module.SSLError if module is not None else cast("type[ssl.SSLError]", _NeverRaised)
+
+
 def _ssl_detail(error: ssl.SSLError) -> str:
+    import ssl  # loaded: a TLS error happened
+
     if isinstance(error, ssl.SSLCertVerificationError):
         return f"certificate not trusted or wrong name ({error.verify_message})"
     reason = error.reason or type(error).__name__
