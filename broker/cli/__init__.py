@@ -167,17 +167,20 @@ def _dispatch(args: argparse.Namespace) -> int:
         StartUp.resume()
     result = args.handler(args)
     if inspect.iscoroutine(result):
-        from broker.config import plain_http_only
-
-        if args.command_name == "run" and plain_http_only():
-            # asyncio loads ssl only to offer TLS, which a Vault reached over plain http never
-            # needs: ~15 ms of a cold `run`. Python supports running without ssl (a build
-            # without OpenSSL): the import fails, and asyncio and our transport do without.
-            sys.modules.setdefault("ssl", None)  # type: ignore[arg-type]
         import asyncio  # here: ~50 ms that --help and the synchronous commands do without
 
         result = asyncio.run(_started(result))
     return int(result)
+
+
+def _without_ssl_over_plain_http() -> None:
+    """asyncio loads ssl (with OpenSSL: ~15 ms of a cold ``run``) only to offer TLS, which a
+    Vault reached over plain http never needs. Python supports running without ssl (a build
+    without OpenSSL): its import then fails, and asyncio and our transport do without."""
+    from broker.config import plain_http_only
+
+    if plain_http_only():
+        sys.modules.setdefault("ssl", None)  # type: ignore[arg-type]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -191,6 +194,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     quiet = args.command_name not in (*runner.RUNNER_COMMANDS, "reaper", "control")
     logs.setup(args.log_level or ("warning" if quiet else "info"))
+    if args.command_name == "run":
+        _without_ssl_over_plain_http()
     try:
         configure_vault(args)
         return _dispatch(args)
