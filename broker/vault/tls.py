@@ -22,7 +22,8 @@ def ssl_context(settings: VaultSettings) -> ssl.SSLContext | None:
     """The context for https addresses; None when no address uses https."""
     if not any(a.startswith("https://") for a in settings.addresses):
         return None
-    import ssl  # here: a `run` over plain http never loads it (see broker.cli._without_ssl_over_plain_http)
+    # Here: a `run` over plain http never loads ssl (broker.cli._without_ssl_over_plain_http).
+    import ssl
 
     custom_ca = bool(settings.cacert or settings.capath)
     try:
