@@ -9,14 +9,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
 from broker.client import BrokerClient
-from broker.config import Layout, VaultSettings
+from broker.config import Layout
 from broker.control.environments import EnvironmentStore
 from broker.control.executions import ExecutionIssuer
 from broker.control.setup import Bootstrap, JwtSettings
@@ -27,7 +27,7 @@ from broker.vault import VaultClient
 TENANT = "bench"
 
 
-def resource(kind: str, name: str, spec: dict[str, object]) -> dict[str, object]:
+def resource(kind: str, name: str, spec: Mapping[str, object]) -> dict[str, object]:
     return {
         "api_version": "agentic.stigmer.ai/v1",
         "kind": kind,
@@ -53,6 +53,10 @@ class Bench:
     jwt: Path
     issuer: ExecutionIssuer
 
+    def environ(self) -> dict[str, str]:
+        """A client process's environment for this server: address (and CA), no token."""
+        return clean_environ(self.running.addr, self.running.cacert)
+
     async def issue(self, execution_id: str, size: int, minutes: int = 10) -> None:
         ttl = timedelta(minutes=minutes)
         await self.issuer.create(
@@ -62,13 +66,14 @@ class Bench:
 
 @asynccontextmanager
 async def dev_server(
-    state: Path, sizes: tuple[int, ...], audit: bool = True
+    state: Path, sizes: tuple[int, ...], audit: bool = True, tls: bool = False
 ) -> AsyncIterator[Bench]:
     """A dev server with one environment of N secrets per size ``env<N>``; stopped after.
     ``audit``: with the file audit device (to count requests) or without (``bao server -dev``
-    as it comes)."""
-    running = server.start(state, audit=audit)
-    admin = VaultClient(VaultSettings.local(running.addr, running.token))
+    as it comes). ``tls``: HTTPS with a CA of its own (``-dev-tls``), as Vault runs in
+    production."""
+    running = server.start(state, audit=audit, tls=tls)
+    admin = VaultClient(running.settings())
     try:
         layout = Layout()
         identity.create_key(running.identity_key)
@@ -91,10 +96,13 @@ async def dev_server(
         server.stop(state)
 
 
-def clean_environ(addr: str) -> dict[str, str]:
-    """This process's environment without any Vault settings, pointed at ``addr``: no token."""
+def clean_environ(addr: str, cacert: str = "") -> dict[str, str]:
+    """This process's environment without any Vault settings, pointed at ``addr`` (trusting
+    ``cacert``, if given): no token."""
     environ = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "BAO_"))}
     environ["VAULT_ADDR"] = addr
+    if cacert:
+        environ["VAULT_CACERT"] = cacert
     return environ
 
 
@@ -113,7 +121,7 @@ def scratch() -> Iterator[tuple[Path, Path]]:
 def start_sidecar(bench: Bench, shm: Path, *extra: str) -> tuple[subprocess.Popen[bytes], Path]:
     """A sidecar for the bench tenant on ``shm``, ready; (process, socket path)."""
     socket_path = shm / "broker.sock"
-    environ = clean_environ(bench.running.addr)
+    environ = bench.environ()
     process = subprocess.Popen(
         [sys.executable, "-m", "broker.cli", "--log-level", "warning", "sidecar",
          "--tenant", TENANT, "--socket", str(socket_path), "--out", str(shm / "out"),

@@ -16,7 +16,9 @@ The warm rows (sidecar and floor) take ``WARM_PAIRS`` samples each per repetitio
 Then, once: CLI start-up (``--help``, ``--version``), sidecar RSS (idle; with 50 active
 executions of N = 100; VmHWM), cycles per second (N = 20, 20 concurrent callers), and Vault
 requests per execution counted from the dev server's file audit device. ``--smoke``: N = 10,
-one repetition, fewer cycles (the test suite runs it so the harness cannot rot).
+one repetition, fewer cycles (the test suite runs it so the harness cannot rot). ``--tls``:
+every row over HTTPS (``bao server -dev-tls``, its CA trusted by every client), as Vault runs
+in production.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import math
 import os
 import random
 import site
+import ssl
 import statistics
 import subprocess
 import sys
@@ -45,7 +48,6 @@ from urllib.parse import urlsplit
 from bench.common import (
     TENANT,
     Bench,
-    clean_environ,
     cpu_seconds,
     dev_server,
     rss_kib,
@@ -98,9 +100,16 @@ def median_range(samples: list[float]) -> dict[str, float]:
 class Wire:
     """The floor: the least one execution costs over HTTP, on one keep-alive connection."""
 
-    def __init__(self, addr: str, jwt: str, layout: Layout) -> None:
+    def __init__(self, addr: str, jwt: str, layout: Layout, cacert: str = "") -> None:
         parts = urlsplit(addr)
-        self._connection = http.client.HTTPConnection(parts.hostname or "", parts.port)
+        self._connection: http.client.HTTPConnection
+        if parts.scheme == "https":
+            context = ssl.create_default_context(cafile=cacert or None)
+            self._connection = http.client.HTTPSConnection(
+                parts.hostname or "", parts.port, context=context
+            )
+        else:
+            self._connection = http.client.HTTPConnection(parts.hostname or "", parts.port)
         self._jwt, self._layout = jwt, layout
 
     def _call(self, method: str, path: str, token: str = "", body: Any = None) -> Any:
@@ -135,7 +144,7 @@ class Wire:
 class Harness:
     def __init__(self, bench: Bench, work: Path, shm: Path, sizes: tuple[int, ...]) -> None:
         self.bench, self.work, self.shm, self.sizes = bench, work, shm, sizes
-        self.addr = bench.running.addr
+        self.addr, self.cacert = bench.running.addr, bench.running.cacert
         self.layout = Layout()
         self.counter = 0
         self.sidecar: subprocess.Popen[bytes] | None = None
@@ -178,7 +187,8 @@ class Harness:
             headers={"X-Vault-Token": self.bench.running.token,
                      "Content-Type": "application/merge-patch+json"},
         )  # fmt: skip
-        with urllib.request.urlopen(request, timeout=30) as answer:  # noqa: S310 - our server
+        context = ssl.create_default_context(cafile=self.cacert) if self.cacert else None
+        with urllib.request.urlopen(request, timeout=30, context=context) as answer:  # noqa: S310
             answer.read()
 
     def agent_config(self, size: int, destination: Path) -> Path:
@@ -188,7 +198,9 @@ class Harness:
             "{{ range $k, $v := .Data.data }}{{ $k }}={{ $v }}\n{{ end }}{{ end }}"
         )
         config.write_text(
-            f'vault {{\n  address = "{self.addr}"\n}}\n'
+            f'vault {{\n  address = "{self.addr}"\n'
+            + (f'  ca_cert = "{self.cacert}"\n' if self.cacert else "")
+            + "}\n"
             'auto_auth {\n  method "jwt" {\n    config = {\n'
             f'      path = "{self.bench.jwt}"\n      role = "bench-agent"\n'
             "      remove_jwt_after_reading = false\n    }\n  }\n}\n"
@@ -217,7 +229,7 @@ class Harness:
                    "--log-level", "warning", "--", "true"]  # fmt: skip
         (self.shm / "run").mkdir(mode=0o700, exist_ok=True)
         started = time.perf_counter()
-        result = subprocess.run(command, env=clean_environ(self.addr), capture_output=True)
+        result = subprocess.run(command, env=self.bench.environ(), capture_output=True)
         elapsed = (time.perf_counter() - started) * 1000
         if result.returncode != 0:
             raise SystemExit(f"run failed: {result.stderr.decode()[-500:]}")
@@ -229,7 +241,7 @@ class Harness:
         config = self.agent_config(size, destination)
         started = time.perf_counter()
         result = subprocess.run([server.find_binary(), "agent", f"-config={config}"],
-                                env=clean_environ(self.addr), capture_output=True)  # fmt: skip
+                                env=self.bench.environ(), capture_output=True)  # fmt: skip
         elapsed = (time.perf_counter() - started) * 1000
         lines = destination.read_text().count("\n") if destination.exists() else 0
         if result.returncode != 0 or lines < size:
@@ -252,7 +264,7 @@ class Harness:
 
     async def floor(self, size: int) -> dict[str, float]:
         execution_id = await self.issue("floor", size)
-        wire = Wire(self.addr, self.bench.jwt.read_text(), self.layout)
+        wire = Wire(self.addr, self.bench.jwt.read_text(), self.layout, self.cacert)
         wire.execution(execution_id)  # connect outside the timing: the floor is warm
         execution_id = await self.issue("floor", size)
         started = time.perf_counter()
@@ -394,7 +406,7 @@ def table(latency: dict[str, dict[str, Any]], sizes: tuple[int, ...]) -> str:
 async def measure(args: argparse.Namespace, work: Path, shm: Path) -> dict[str, Any]:
     sizes = tuple(args.sizes)
     environments = tuple(sorted({*sizes, 20, 100}))  # 20: throughput, 100: memory
-    async with dev_server(work / "server", environments) as bench:
+    async with dev_server(work / "server", environments, tls=args.tls) as bench:
         harness = Harness(bench, work, shm, sizes)
         await harness.prepare_agent()
         harness.start_sidecar()
@@ -402,7 +414,7 @@ async def measure(args: argparse.Namespace, work: Path, shm: Path) -> dict[str, 
         time.sleep(1)  # settled
         idle = rss_kib(harness.sidecar.pid)
         try:
-            results: dict[str, Any] = {"runs": args.runs, "sizes": list(sizes)}
+            results: dict[str, Any] = {"runs": args.runs, "sizes": list(sizes), "tls": args.tls}
             results["latency_ms"] = await harness.latency(args.runs)
             results["startup_ms"] = harness.startup(max(3, args.runs))
             results["throughput"] = await harness.throughput(args.cycles, 20, 20)
@@ -414,7 +426,7 @@ async def measure(args: argparse.Namespace, work: Path, shm: Path) -> dict[str, 
             harness.stop_sidecar()
     # The audit device costs Vault CPU on every request: the same throughput without it, as
     # `bao server -dev` comes.
-    async with dev_server(work / "server-no-audit", (20,), audit=False) as bench:
+    async with dev_server(work / "server-no-audit", (20,), audit=False, tls=args.tls) as bench:
         harness = Harness(bench, work / "no-audit", shm, sizes)
         harness.start_sidecar()
         try:
@@ -438,6 +450,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--active", type=int, default=50, help="active executions for RSS")
     parser.add_argument("--smoke", action="store_true", help="N = 10, one repetition")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        default=os.environ.get("BENCH_TLS", "") not in ("", "0"),
+        help="every row over HTTPS, as in production (or $BENCH_TLS=1)",
+    )
     args = parser.parse_args(argv)
     if args.smoke:
         args.runs, args.sizes, args.cycles, args.active = 1, [10], 20, 5
