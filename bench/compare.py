@@ -59,6 +59,7 @@ from broker.config import Layout
 from broker.dev import server
 from broker.vault import KV
 from broker.vault.transit import MAX_ITEMS
+from broker.vault.transport import IDLE_TIMEOUT
 
 CONSOLE_SCRIPT = """#!{python}
 import sys
@@ -314,8 +315,9 @@ class Harness:
             results[flag] = median_range(timings)
         return results
 
-    async def memory(self, active: int, idle: dict[str, int]) -> dict[str, int]:
-        """RSS at start (``idle``), after the latency runs, and with ``active`` executions."""
+    async def memory(self, active: int, idle: dict[str, int], pause: bool) -> dict[str, int]:
+        """RSS at start (``idle``), after the latency and throughput runs, with ``active``
+        executions, and (``pause``) idle again once the pooled Vault connections have closed."""
         assert self.sidecar is not None and self.client is not None
         after = rss_kib(self.sidecar.pid)
         ids = [await self.issue("rss", 100) for _ in range(active)]
@@ -324,9 +326,13 @@ class Harness:
         busy = rss_kib(self.sidecar.pid)
         for execution_id in ids:
             self.client.end(execution_id)
-        return {"idle_rss_kib": idle["VmRSS"], "idle_after_the_runs_rss_kib": after["VmRSS"],
-                f"rss_kib_{active}_active_n100": busy["VmRSS"],
-                "peak_kib_VmHWM": rss_kib(self.sidecar.pid)["VmHWM"]}  # fmt: skip
+        results = {"idle_rss_kib": idle["VmRSS"], "idle_after_the_runs_rss_kib": after["VmRSS"],
+                   f"rss_kib_{active}_active_n100": busy["VmRSS"],
+                   "peak_kib_VmHWM": rss_kib(self.sidecar.pid)["VmHWM"]}  # fmt: skip
+        if pause:
+            time.sleep(IDLE_TIMEOUT + 2.0)  # the idle connections close, their memory goes back
+            results["idle_after_a_pause_rss_kib"] = rss_kib(self.sidecar.pid)["VmRSS"]
+        return results
 
     async def throughput(self, cycles: int, callers: int, size: int) -> dict[str, float]:
         assert self.client is not None
@@ -418,7 +424,7 @@ async def measure(args: argparse.Namespace, work: Path, shm: Path) -> dict[str, 
             results["latency_ms"] = await harness.latency(args.runs)
             results["startup_ms"] = harness.startup(max(3, args.runs))
             results["throughput"] = await harness.throughput(args.cycles, 20, 20)
-            results["memory"] = await harness.memory(args.active, idle)
+            results["memory"] = await harness.memory(args.active, idle, pause=not args.smoke)
             results["requests_per_execution"] = await harness.requests()
             results["transit_chunk"] = MAX_ITEMS
             results["decrypt_requests"] = {str(n): math.ceil(n / MAX_ITEMS) for n in sizes}

@@ -15,6 +15,7 @@ import pytest
 from broker.config import VaultSettings, plain_http_only
 from broker.errors import VaultConfigError
 from broker.vault import VaultClient
+from broker.vault import transport as transport_module
 from broker.vault.client import escape_path
 from broker.vault.transport import (
     BadHeader,
@@ -36,6 +37,7 @@ class RawServer:
 
     answer: Answer
     connections: int = 0
+    closed: int = 0  # connections the client closed (or this server ended)
     requests: list[bytes] = field(default_factory=list)
     port: int = 0
 
@@ -53,6 +55,7 @@ class RawServer:
                 if not await self.answer(reader, writer, len(self.requests)):
                     return
         finally:
+            self.closed += 1
             writer.close()
 
 
@@ -99,6 +102,27 @@ async def test_a_kept_alive_connection_carries_the_next_request(serve: Serve) ->
     assert await get(transport, origin) == (200, b"{}")
     assert await get(transport, origin) == (200, b"{}")
     assert server.connections == 1
+    await transport.aclose()
+
+
+async def test_an_idle_connection_is_closed_though_no_request_comes(
+    serve: Serve, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a burst, kept connections hold buffers (~0.6 MB each over TLS) and a server worker:
+    they close after IDLE_TIMEOUT on their own, not only when a later request finds them."""
+    monkeypatch.setattr(transport_module, "IDLE_TIMEOUT", 1.0)
+    server, origin = await serve(canned(OK))
+    transport = Transport()
+    await asyncio.gather(*(get(transport, origin) for _ in range(3)))
+    assert server.connections == 3 and server.closed == 0
+    await asyncio.sleep(0.5)
+    assert await get(transport, origin) == (200, b"{}")  # one stays in use a while longer
+    await asyncio.sleep(0.75)  # the burst's idle for 1.25 s, the one used since for 0.75 s
+    assert server.closed == 2
+    await asyncio.sleep(0.75)
+    assert server.closed == 3
+    assert await get(transport, origin) == (200, b"{}")  # a new connection when needed
+    assert server.connections == 4
     await transport.aclose()
 
 
