@@ -5,6 +5,7 @@ measured and that an execution costs the Vault requests the README promises, non
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,9 +19,11 @@ def test_the_bench_smoke_run_measures_every_row(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "bench.compare", "--smoke", "--json", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={k: v for k, v in os.environ.items() if k != "BENCH_TLS"},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads(out.read_text())
+    assert results["tls"] is False
     for row in ROWS:
         assert results["latency_ms"][row]["10"]["median"] > 0, row
     assert set(results["startup_ms"]) == {"--help", "--version"}
@@ -43,3 +46,18 @@ def test_the_bench_smoke_run_measures_every_row(tmp_path: Path) -> None:
     sidecar = results["requests_per_execution"]["sidecar_n10"]
     assert sidecar["total"] == 8 and sidecar["update auth/token/create"] == 1, sidecar
     assert "update auth/jwt/login" not in sidecar  # warm: the sidecar's login is reused
+
+
+def test_the_bench_smoke_run_works_over_tls(tmp_path: Path) -> None:
+    """`BENCH_TLS=1`: every row against an HTTPS dev server, each client trusting its CA."""
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.compare", "--smoke", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "BENCH_TLS": "1"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert results["tls"] is True
+    for row in ROWS:
+        assert results["latency_ms"][row]["10"]["median"] > 0, row
+    assert results["requests_per_execution"]["sidecar_n10"]["total"] == 8
