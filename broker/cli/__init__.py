@@ -174,7 +174,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _without_ssl_over_plain_http() -> None:
-    """asyncio loads ssl (with OpenSSL: ~15 ms of a cold ``run``) only to offer TLS, which a
+    """asyncio loads ssl (with OpenSSL: ~8-9 ms of a cold ``run``) only to offer TLS, which a
     Vault reached over plain http never needs. Python supports running without ssl (a build
     without OpenSSL): its import then fails, and asyncio and our transport do without."""
     from broker.config import plain_http_only
