@@ -9,23 +9,32 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 ROWS = ("run_cold", "agent", "sidecar_put_delete", "sidecar_put", "floor")
 
 
-def test_the_bench_smoke_run_measures_every_row(tmp_path: Path) -> None:
+def smoke_run(tmp_path: Path, tls: bool) -> dict[str, Any]:
+    """``bench.compare --smoke``'s results (``BENCH_TLS`` set as ``tls`` says), after checking
+    that it says which it ran and measured every row."""
     out = tmp_path / "bench.json"
+    environ = {k: v for k, v in os.environ.items() if k != "BENCH_TLS"}
     result = subprocess.run(
         [sys.executable, "-m", "bench.compare", "--smoke", "--json", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
-        env={k: v for k, v in os.environ.items() if k != "BENCH_TLS"},
+        env={**environ, "BENCH_TLS": "1"} if tls else environ,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    results = json.loads(out.read_text())
-    assert results["tls"] is False
+    results: dict[str, Any] = json.loads(out.read_text())
+    assert results["tls"] is tls
     for row in ROWS:
         assert results["latency_ms"][row]["10"]["median"] > 0, row
+    return results
+
+
+def test_the_bench_smoke_run_measures_every_row(tmp_path: Path) -> None:
+    results = smoke_run(tmp_path, tls=False)
     assert set(results["startup_ms"]) == {"--help", "--version"}
     assert results["throughput"]["cycles_per_second"] > 0
     assert results["memory"]["idle_rss_kib"] > 0
@@ -50,14 +59,5 @@ def test_the_bench_smoke_run_measures_every_row(tmp_path: Path) -> None:
 
 def test_the_bench_smoke_run_works_over_tls(tmp_path: Path) -> None:
     """`BENCH_TLS=1`: every row against an HTTPS dev server, each client trusting its CA."""
-    out = tmp_path / "bench.json"
-    result = subprocess.run(
-        [sys.executable, "-m", "bench.compare", "--smoke", "--json", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "BENCH_TLS": "1"},
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    results = json.loads(out.read_text())
-    assert results["tls"] is True
-    for row in ROWS:
-        assert results["latency_ms"][row]["10"]["median"] > 0, row
+    results = smoke_run(tmp_path, tls=True)
     assert results["requests_per_execution"]["sidecar_n10"]["total"] == 8
