@@ -98,6 +98,11 @@ def median_range(samples: list[float]) -> dict[str, float]:
     }
 
 
+def trusting(cacert: str) -> ssl.SSLContext:
+    """A client TLS context trusting the dev server's CA (``-dev-tls``), or the system's."""
+    return ssl.create_default_context(cafile=cacert or None)
+
+
 class Wire:
     """The floor: the least one execution costs over HTTP, on one keep-alive connection."""
 
@@ -105,9 +110,8 @@ class Wire:
         parts = urlsplit(addr)
         self._connection: http.client.HTTPConnection
         if parts.scheme == "https":
-            context = ssl.create_default_context(cafile=cacert or None)
             self._connection = http.client.HTTPSConnection(
-                parts.hostname or "", parts.port, context=context
+                parts.hostname or "", parts.port, context=trusting(cacert)
             )
         else:
             self._connection = http.client.HTTPConnection(parts.hostname or "", parts.port)
@@ -188,7 +192,7 @@ class Harness:
             headers={"X-Vault-Token": self.bench.running.token,
                      "Content-Type": "application/merge-patch+json"},
         )  # fmt: skip
-        context = ssl.create_default_context(cafile=self.cacert) if self.cacert else None
+        context = trusting(self.cacert)  # not used for http://
         with urllib.request.urlopen(request, timeout=30, context=context) as answer:  # noqa: S310
             answer.read()
 
