@@ -81,6 +81,11 @@ def _addresses(text: str) -> tuple[str, ...]:
     return addresses
 
 
+def uses_tls(addresses: tuple[str, ...]) -> bool:
+    """Does any of these (checked) addresses use https, in any case of the scheme?"""
+    return any(urlsplit(address).scheme == "https" for address in addresses)
+
+
 def plain_http_only(environ: Mapping[str, str] = os.environ) -> bool:
     """Is every configured Vault address plain ``http://`` (so no TLS will ever be needed)?
     False when there is none or one is not understood: the command reports that itself."""
@@ -88,7 +93,7 @@ def plain_http_only(environ: Mapping[str, str] = os.environ) -> bool:
         addresses = _addresses(_setting(environ, "ADDR"))
     except ConfigError:
         return False
-    return bool(addresses) and all(a.lower().startswith("http://") for a in addresses)
+    return bool(addresses) and not uses_tls(addresses)
 
 
 @record(frozen=True)

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pytest
 
@@ -17,6 +18,7 @@ from broker.errors import VaultConfigError
 from broker.vault import VaultClient
 from broker.vault import transport as transport_module
 from broker.vault.client import escape_path
+from broker.vault.tls import ssl_context
 from broker.vault.transport import (
     BadHeader,
     Dropped,
@@ -295,6 +297,7 @@ def test_paths_are_escaped_segment_by_segment(path: str, sent: str) -> None:
         ({"BAO_ADDR": "http://vault:8200,http://vault-2:8200"}, True),
         ({"VAULT_ADDR": "HTTP://vault:8200"}, True),
         ({"VAULT_ADDR": "http://vault:8200,https://vault-2:8200"}, False),
+        ({"VAULT_ADDR": "http://vault:8200,HTTPS://vault-2:8200"}, False),
         ({"VAULT_ADDR": "https://vault:8200", "BAO_ADDR": "http://vault:8200"}, False),
         ({"VAULT_ADDR": "ftp://vault"}, False),
         ({}, False),
@@ -304,3 +307,12 @@ def test_only_all_plain_http_addresses_let_run_leave_ssl_out(
     environ: dict[str, str], plain: bool
 ) -> None:
     assert plain_http_only(environ) is plain
+
+
+def test_an_https_address_in_capitals_gets_the_tls_settings_too() -> None:
+    """The transport takes ``HTTPS://`` for https (URL schemes ignore case): so must the TLS
+    settings, or such an address would skip VAULT_CACERT and the client certificate."""
+    settings = replace(VaultSettings.local("HTTPS://127.0.0.1:8200"), skip_verify=True)
+    context = ssl_context(settings)
+    assert context is not None and context.verify_mode == ssl.CERT_NONE
+    assert ssl_context(VaultSettings.local("http://127.0.0.1:8200")) is None

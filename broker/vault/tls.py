@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from broker.config import VaultSettings
+from broker.config import VaultSettings, uses_tls
 from broker.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 def ssl_context(settings: VaultSettings) -> ssl.SSLContext | None:
     """The context for https addresses; None when no address uses https."""
-    if not any(a.startswith("https://") for a in settings.addresses):
+    if not uses_tls(settings.addresses):
         return None
     # Here: a `run` over plain http never loads ssl (broker.cli._without_ssl_over_plain_http).
     import ssl
