@@ -55,7 +55,7 @@ from bench.common import (
     start_sidecar,
 )
 from broker.client import BrokerClient
-from broker.config import Layout
+from broker.config import Layout, uses_tls
 from broker.dev import server
 from broker.vault import KV
 from broker.vault.transit import MAX_ITEMS
@@ -109,7 +109,7 @@ class Wire:
     def __init__(self, addr: str, jwt: str, layout: Layout, cacert: str = "") -> None:
         parts = urlsplit(addr)
         self._connection: http.client.HTTPConnection
-        if parts.scheme == "https":
+        if uses_tls((addr,)):
             self._connection = http.client.HTTPSConnection(
                 parts.hostname or "", parts.port, context=trusting(cacert)
             )
