@@ -54,21 +54,39 @@ def _check(status: int, body: bytes) -> Any:
     return answer
 
 
+CONNECT_PAUSE = 0.001  # seconds before a refused connect (a full backlog) is tried again
+MAX_CONNECT_PAUSE = 0.05
+
+
 class _UnixConnection(http.client.HTTPConnection):
     def __init__(self, path: str, timeout: float) -> None:
         super().__init__("localhost", timeout=timeout)
         self._socket_path = path
+        self._connect_timeout = timeout
         self.idle_since = 0.0  # monotonic; when it went back to the pool
 
     def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(self.timeout)
-            sock.connect(self._socket_path)
-        except BaseException:
-            sock.close()
-            raise
-        self.sock = sock
+        # A Unix socket whose listen backlog is full refuses at once (EAGAIN), where TCP would
+        # wait: a sidecar busy accepting a burst is waited for, within the timeout.
+        deadline = time.monotonic() + self._connect_timeout
+        pause = CONNECT_PAUSE
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.settimeout(self.timeout)
+                sock.connect(self._socket_path)
+            except BlockingIOError:
+                sock.close()
+                if time.monotonic() + pause > deadline:
+                    raise
+                time.sleep(pause)
+                pause = min(pause * 2, MAX_CONNECT_PAUSE)
+                continue
+            except BaseException:
+                sock.close()
+                raise
+            self.sock = sock
+            return
 
 
 # What a keep-alive connection the sidecar has closed meanwhile raises on reuse.

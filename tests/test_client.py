@@ -7,8 +7,10 @@ import gc
 import http.server
 import json
 import os
+import socket
 import socketserver
 import threading
+import time
 import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -138,6 +140,50 @@ def test_threads_share_the_client_and_at_most_a_few_connections_stay(server: Ser
     assert len(client._idle) <= BrokerClient.MAX_IDLE
     client.close()
     assert client._idle == []
+
+
+def test_a_sidecar_whose_backlog_is_full_is_waited_for(tmp_path: Path) -> None:
+    """A Unix socket with a full listen backlog refuses a connect at once (EAGAIN), where TCP
+    would wait: the client waits too, within its timeout, instead of failing a burst."""
+    path = str(tmp_path / "busy.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(0)
+    queued = []
+    with pytest.raises(BlockingIOError):  # fill the backlog until the kernel refuses
+        for _ in range(16):
+            waiting = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            queued.append(waiting)
+            waiting.setblocking(False)
+            waiting.connect(path)
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: application/json\r\n\r\n{}"
+
+    def accept_later() -> None:
+        threading.Event().wait(0.3)  # the client's first tries find the backlog full
+        for waiting in queued:
+            waiting.close()  # accepted below, they read as closed at once
+        while True:
+            connection, _ = listener.accept()
+            connection.settimeout(5)
+            request = connection.recv(65536)
+            if request.startswith(b"GET"):
+                connection.sendall(answer)
+            connection.close()
+            if request:
+                return
+
+    started = time.monotonic()
+    with pytest.raises(BlockingIOError), BrokerClient(path, timeout=0.3) as impatient:
+        impatient.get("a")  # nobody accepts: it gives up once its timeout is spent
+    assert 0.25 < time.monotonic() - started < 2
+    serving = threading.Thread(target=accept_later, daemon=True)
+    serving.start()
+    try:
+        with BrokerClient(path, timeout=5) as client:
+            assert client.get("a") == {}
+    finally:
+        serving.join(5)
+        listener.close()
 
 
 def test_a_client_dropped_without_close_leaves_no_socket_open(server: Server) -> None:
